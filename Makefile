@@ -1,0 +1,36 @@
+# `make test` is the one test command: installs what it needs, lints, runs the host tier and the
+# kernel tier (pytest inside a user-mode-linux guest with real device-mapper).
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST := $(VENV)/bin/pytest -p no:cacheprovider --color=no
+export PY_COLORS := 0
+
+.PHONY: test install lint test-host test-kernel fixtures demo bench clean
+
+test: install lint test-host test-kernel
+
+install:
+	@scripts/bootstrap.sh
+
+lint: install
+	$(VENV)/bin/ruff check frontend helper tests bench
+	$(VENV)/bin/mypy
+
+fixtures: install
+	$(PY) -m tests.images.build
+
+test-host: install
+	$(PYTEST) -m "not kernel" tests
+
+test-kernel: install fixtures
+	tests/vm/run $(PYTEST) -m kernel tests
+
+demo: install
+	scripts/demo.sh
+
+bench: install
+	$(VENV)/bin/img bench extract
+
+clean:
+	rm -rf build $(VENV) helper/img_helper/_native*.so

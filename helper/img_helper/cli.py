@@ -1,0 +1,17 @@
+"""The `img-helper` command line (root side)."""
+
+from __future__ import annotations
+
+import click
+
+from img_helper import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="img-helper")
+def cli() -> None:
+    """Root helper for img: device-mapper, extraction and the authorized socket."""
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,46 @@
+"""cffi (API mode) build of img_helper._native from helper/csrc.
+
+Each concern in helper/csrc is a pair: NAME.c (the code) and NAME.cdef (the declarations
+Python may call). Every pair is compiled into the one extension, so adding a concern means
+adding a pair, not editing this file.
+"""
+
+import shlex
+import subprocess
+from pathlib import Path
+
+from cffi import FFI
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+
+
+def _pkg_config(*args: str) -> list[str]:
+    out = subprocess.run(["pkg-config", *args], check=True, capture_output=True, text=True).stdout
+    return shlex.split(out)
+
+
+def _build() -> FFI:
+    ffi = FFI()
+    cdefs = sorted(CSRC.glob("*.cdef"))
+    ffi.cdef("\n".join(p.read_text() for p in cdefs))
+    headers = sorted(CSRC.glob("*.h"))
+    sources = sorted(str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(p)
+                     for p in CSRC.glob("*.c"))
+    pkgs = ["devmapper", "libarchive"]
+    ffi.set_source(
+        "img_helper._native",
+        "\n".join(f'#include "{h.name}"' for h in headers),
+        sources=sources,
+        include_dirs=[str(CSRC)],
+        extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-D_GNU_SOURCE",
+                            "-fstack-protector-strong", "-D_FORTIFY_SOURCE=2",
+                            *_pkg_config("--cflags", *pkgs)],
+        extra_link_args=_pkg_config("--libs", *pkgs),
+    )
+    return ffi
+
+
+ffibuilder = _build()
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)
