@@ -5,6 +5,7 @@ Python may call). Every pair is compiled into the one extension, so adding a con
 adding a pair, not editing this file.
 """
 
+import os
 import shlex
 import subprocess
 from pathlib import Path
@@ -24,9 +25,11 @@ def _build() -> FFI:
     cdefs = sorted(CSRC.glob("*.cdef"))
     ffi.cdef("\n".join(p.read_text() for p in cdefs))
     headers = sorted(CSRC.glob("*.h"))
-    sources = sorted(str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(p)
-                     for p in CSRC.glob("*.c"))
-    pkgs = ["devmapper", "libarchive"]
+    # setuptools wants paths relative to the project; cffi's own compile() runs from its tmpdir.
+    here = Path.cwd()
+    sources = sorted(str(p.relative_to(here)) if p.is_relative_to(here) and os.environ.get(
+        "IMG_NATIVE_ABSOLUTE") is None else str(p) for p in CSRC.glob("*.c"))
+    pkgs = ["devmapper", "libarchive", "libcrypto"]
     ffi.set_source(
         "img_helper._native",
         "\n".join(f'#include "{h.name}"' for h in headers),

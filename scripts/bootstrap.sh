@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   build-essential pkg-config python3-dev python3-venv
-  libdevmapper-dev libarchive-dev libzstd-dev libarchive-tools dmsetup
+  libdevmapper-dev libarchive-dev libzstd-dev libssl-dev libarchive-tools dmsetup
   user-mode-linux kmod e2fsprogs util-linux iproute2 attr acl
   dbus dbus-daemon polkitd pkexec
   mmdebstrap umoci skopeo tar gzip zstd jq
