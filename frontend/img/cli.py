@@ -1,13 +1,18 @@
-"""The `img` command line. Imports are lazy: `img process X` on an active image must stay fast."""
+"""The `img` command line. Commands are imported lazily: `img process X` on an active image must stay fast."""
 
 from __future__ import annotations
 
 import click
 
 from img import __version__
+from img_helper.lazycli import LazyGroup
+
+COMMANDS: dict[str, str] = {
+    # "name": "module:click_command",
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="img")
 def cli() -> None:
     """Pull container images from S3 into a device-mapper thin pool and activate them."""
