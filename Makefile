@@ -8,7 +8,15 @@ export PY_COLORS := 0
 
 .PHONY: test install lint test-host test-kernel fixtures demo bench clean
 
-test: install lint test-host test-kernel
+REPORTS := build/test-reports
+
+# Both tiers always run; the summary names what ran in each and fails if either failed.
+test: install lint
+	@mkdir -p $(REPORTS); rm -f $(REPORTS)/*.xml; rc=0; \
+	$(MAKE) --no-print-directory test-host || rc=1; \
+	$(MAKE) --no-print-directory test-kernel || rc=1; \
+	$(PY) scripts/test-summary.py host=$(REPORTS)/host.xml kernel=$(REPORTS)/kernel.xml || rc=1; \
+	exit $$rc
 
 install:
 	@scripts/bootstrap.sh
@@ -21,10 +29,10 @@ fixtures: install
 	$(PY) -m tests.images.build
 
 test-host: install
-	$(PYTEST) -m "not kernel" tests
+	$(PYTEST) -m "not kernel" --junitxml=$(REPORTS)/host.xml tests
 
 test-kernel: install fixtures
-	tests/vm/run $(PYTEST) -m kernel tests
+	tests/vm/run $(PYTEST) -m kernel --junitxml=$(REPORTS)/kernel.xml tests
 
 demo: install
 	scripts/demo.sh
