@@ -13,6 +13,8 @@ from tests.fixtures.dmpool import ThinPool, create_pool, destroy_pool, dm_names,
 
 REPO = Path(__file__).resolve().parent.parent
 
+pytest_plugins = ["tests.fixtures.s3"]
+
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("kernel") and not os.path.exists("/dev/mapper/control"):
