@@ -42,6 +42,7 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (bucket, key, etag, size)
     );
     CREATE INDEX blob_sources_sha256 ON blob_sources(sha256);
+    CREATE INDEX blob_sources_etag ON blob_sources(bucket, etag, size);
     CREATE TABLE images (
         ref         TEXT PRIMARY KEY,              -- canonical s3:// reference
         kind        TEXT NOT NULL CHECK (kind IN ('family', 'archive')),
@@ -230,6 +231,15 @@ class Store:
     def blob_for_source(self, bucket: str, key: str, etag: str, size: int) -> str | None:
         q = "SELECT sha256 FROM blob_sources WHERE bucket=? AND key=? AND etag=? AND size=?"
         row = self.conn().execute(q, (bucket, key, etag, size)).fetchone()
+        return row[0] if row else None
+
+    def blob_for_etag(self, bucket: str, etag: str, size: int) -> str | None:
+        """Another key of the same bucket with the same ETag and size: the same bytes (S3 derives ETags from
+        the content; forging a match needs a second MD5 preimage). Always re-verified by sha256 on use."""
+        if not etag:
+            return None
+        q = "SELECT sha256 FROM blob_sources WHERE bucket=? AND etag=? AND size=? ORDER BY seen_at LIMIT 1"
+        row = self.conn().execute(q, (bucket, etag, size)).fetchone()
         return row[0] if row else None
 
     def blob(self, sha256: str) -> Blob | None:
