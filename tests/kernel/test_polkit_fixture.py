@@ -7,15 +7,14 @@ import grp
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
 import pytest
 
 from tests.fixtures import polkit as pk
-from tests.fixtures.polkit import PolkitEnv, PolkitError, TestUser, process_start_time
+from tests.fixtures.polkit import PolkitEnv, PolkitError, process_start_time
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.polkit]
 
 Sleepers = dict[str, subprocess.Popen[bytes]]
 VERBS = ["status", "list", "ensure-layer", "activate", "deactivate", "delete-layer"]
@@ -25,26 +24,13 @@ VERBS = ["status", "list", "ensure-layer", "activate", "deactivate", "delete-lay
 def sleepers(polkit: PolkitEnv) -> Iterator[Sleepers]:
     procs = {u.name: polkit.spawn_as(u, ["sleep", "30"]) for u in (polkit.member, polkit.outsider)}
     try:
-        for name, proc in procs.items():  # setpriv has switched users once /proc says so
-            user = polkit.member if name == polkit.member.name else polkit.outsider
-            _wait_uid(proc.pid, user)
+        polkit.wait_running_as(procs[polkit.member.name].pid, polkit.member)
+        polkit.wait_running_as(procs[polkit.outsider.name].pid, polkit.outsider)
         yield procs
     finally:
         for proc in procs.values():
             proc.kill()
             proc.wait()
-
-
-def _wait_uid(pid: int, user: TestUser) -> None:
-    deadline = time.monotonic() + 5
-    while _uid(pid) != user.uid:
-        assert time.monotonic() < deadline, f"process {pid} never ran as {user.name}"
-        time.sleep(0.01)
-
-
-def _uid(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
 
 
 def test_policy_has_one_action_per_helper_verb() -> None:
@@ -67,31 +53,25 @@ def test_group_grants_only_img_actions(polkit: PolkitEnv, sleepers: Sleepers) ->
     assert not polkit.check(member.pid, "org.freedesktop.policykit.exec").is_authorized
 
 
-def test_stale_start_time_is_not_authorized(polkit: PolkitEnv,
-                                            sleepers: Sleepers) -> None:
-    """Attack: pid reuse — a subject naming the member's pid with another start time is a different
-    process, and must not inherit the member's authorization."""
+def test_pid_reuse_stale_start_time_is_refused(polkit: PolkitEnv, sleepers: Sleepers) -> None:
+    """Attack: pid reuse. A subject naming the member's pid with another start time is a different
+    process and must not inherit the member's authorization: polkitd refuses it outright."""
     member = sleepers[polkit.member.name]
     start = process_start_time(member.pid)
-    for stale in (start - 1, 1):
-        try:
-            assert not polkit.check(member.pid, "io.github.img.ensure-layer", start_time=stale).is_authorized
-        except PolkitError:
-            pass  # polkitd refuses a subject that does not exist: also not authorized
+    for stale in (start - 1, start + 1, 1):
+        with pytest.raises(PolkitError, match="replaced"):
+            polkit.check(member.pid, "io.github.img.ensure-layer", start_time=stale)
     assert polkit.check(member.pid, "io.github.img.ensure-layer", start_time=start).is_authorized
 
 
-def test_exited_process_is_not_authorized(polkit: PolkitEnv) -> None:
+def test_exited_member_process_is_refused(polkit: PolkitEnv) -> None:
     proc = polkit.spawn_as(polkit.member, ["sleep", "30"])
-    _wait_uid(proc.pid, polkit.member)
+    polkit.wait_running_as(proc.pid, polkit.member)
     start = process_start_time(proc.pid)
     proc.kill()
     proc.wait()
-    try:
-        result = polkit.check(proc.pid, "io.github.img.activate", start_time=start, uid=polkit.member.uid)
-        assert not result.is_authorized
-    except PolkitError:
-        pass
+    with pytest.raises(PolkitError):
+        polkit.check(proc.pid, "io.github.img.activate", start_time=start, uid=polkit.member.uid)
 
 
 def test_test_users_can_run_the_venv(polkit: PolkitEnv) -> None:
