@@ -1,0 +1,167 @@
+"""img.fsm — durable, crash-resumable finite state machines on SQLite (a Python port of Fly.io's FSMv2).
+
+A run is a linear sequence of steps executed on a worker thread of a `Manager`. Every step's response is
+persisted, so a run interrupted by a crash, kill -9 or shutdown continues in the next process from the first
+step it had not completed (delivery is at least once: steps must be idempotent — check real state first).
+
+Example::
+
+    from dataclasses import dataclass
+    from img import fsm
+
+    @dataclass
+    class PullReq:
+        ref: str
+
+    @dataclass
+    class PullResp:
+        digest: str | None = None
+        device: str | None = None
+
+    def download(req: fsm.Request[PullReq, PullResp]) -> PullResp:
+        if req.run.is_restart:           # this step may already have run (partly) in a dead process
+            ...
+        if not_found:
+            raise fsm.Unrecoverable("no such image", kind="user")   # no retry: finalizers, then the run fails
+        return PullResp(digest="sha256:…")
+
+    def unpack(req: fsm.Request[PullReq, PullResp]) -> PullResp:
+        assert req.w is not None         # previous step's response (restored from SQLite after a restart)
+        for chunk in ...:
+            req.check_cancelled()        # raises fsm.Cancelled on cancel / shutdown
+        return PullResp(digest=req.w.digest, device="/dev/mapper/…")
+
+    def cleanup(req: fsm.Request[PullReq, PullResp], err: fsm.RunError | None) -> None:
+        ...                              # runs on success (err None), failure and cancel; not on shutdown
+
+    pull = (fsm.register("pull", PullReq, PullResp, max_attempts=5)     # module-level definition
+            .start("download", download).to("unpack", unpack)
+            .end("done", finalizers=[cleanup]).build())
+
+    with fsm.Manager("/path/img.db", queues={"downloads": 2}) as mgr:   # shares the DB with other tables
+        machine = mgr.add(pull)                  # or: mgr.register(...)....build() returns the Machine
+        mgr.resume()                             # pick up runs a dead process left behind
+        try:
+            version = machine.start("alpine:3", PullReq("alpine:3"), queue="downloads")
+        except fsm.AlreadyRunning as e:
+            version = e.version                  # same (type, id, action) active here or in another process
+        resp = machine.wait(version)             # PullResp, or raises fsm.RunFailed / fsm.RunCancelled
+    # leaving the `with` = shutdown(): writes nothing, unfinished runs stay resumable
+
+Public API
+----------
+Definitions
+    register(action, ReqType, RespType, *, type_name=ReqType.__name__, max_attempts=None, backoff=None,
+             queue=None) -> Builder
+    Builder.start(name, fn).to(name, fn)….end(name, finalizers=[fn | (name, fn)]).build() -> FSM
+             A step is `fn(req: Request[R, W]) -> W | dict | None`; a finalizer is
+             `fn(req, err: RunError | None) -> None`. Messages are dataclasses (nested ok), dicts, lists,
+             scalars, or classes with to_dict()/from_dict(); each step gets the previous response decoded
+             from JSON, identical whether or not the run was restarted.
+    Request: .msg (request message), .w (previous response or None), .run (RunInfo),
+             .cancelled (threading.Event: set on cancel, shutdown or lease loss), .log (LoggerAdapter with
+             run_id, run_version, transition, retry_count), .check_cancelled(), .sleep(seconds)
+             (interruptible), .span(name) (timed block recorded as a SPAN event).
+    RunInfo: id, version, action, type_name, state, parent, queue, retry_count, is_restart, attempt.
+    RunError: error (message), kind ("abort" | "user" | "system" | "retries" | "cancel"), state.
+Steps raise
+    any Exception -> retried with backoff (Backoff(initial=0.1, maximum=5.0, factor=1.5, jitter=0.2)) up to
+    max_attempts attempts per step (default 8, per FSM or per start), then the run fails with kind "retries".
+    Abort(err) -> stop now (kind "abort");  Unrecoverable(err, kind="user"|"system") -> stop now.
+    Cancelled (from req.check_cancelled) -> the run is being cancelled or shut down; let it propagate.
+Manager(db, *, workers=64, lease_ttl=15.0, queues={name: limit}, retry=RetryPolicy(), poll_interval=0.1,
+        auto_resume=False, owner=None)        db = path or a connection factory (one connection per thread)
+    .register(...) -> Builder whose build() returns a Machine;  .add(fsm) -> Machine
+    .start(fsm | machine, run_id, msg, *, delay=None, run_at=None (epoch or datetime),
+           run_after=None (version), queue=None, parent=None (version), max_attempts=None, backoff=None)
+           -> version (ULID str); START is committed before it returns;
+           raises AlreadyRunning(.version) / UnknownQueue / ManagerClosed.
+    .resume(fsms=None) -> [versions] claimed: active runs of registered FSMs (type AND action) with no
+           live owner.
+    .wait(version, timeout=None) -> response | raises RunFailed(.kind, .state, .error) / RunCancelled /
+           WaitTimeout / RunNotFound.  Works for runs executed by other processes (polls SQLite).
+    .wait_by_id(run_id, *, action=None, type_name=None, timeout=None);  .wait_children(parent, timeout=None)
+    .cancel(version, reason="cancelled") -> bool (False if not active)
+    .shutdown(timeout=10.0)  (also the context manager's exit)
+    Admin: .list_fsms() -> [dict], .list_active(action=None) -> [RunRecord], .get_run(version) -> RunRecord,
+           .history(version) -> [Event], .runs(day=, run_id=, action=, status=, limit=) -> [RunRecord],
+           .children(parent) -> [version].  The same reads without threads: FsmStore(db).get_run(...) etc.
+Machine(manager, fsm): .start(run_id, msg, **options), .resume(), .wait(version), .wait_by_id(run_id),
+    .cancel(version), .fsm
+RunRecord: version, run_id, type_name, action, parent, queue, status ("pending" | "running" | "succeeded" |
+    "failed" | "cancelled"), current_state, retry_count, error, error_kind, error_state, cancel_requested,
+    created_at, started_at, finished_at, run_at, run_after, day, options, msg, result, active, owner,
+    lease_expires, executing, .finished
+Event: seq, version, kind ("START" | "COMPLETE" | "ERROR" | "CANCEL" | "FINISH" | "SPAN"), state, payload,
+    error, error_kind, retry_count, duration, ts, owner
+metrics: snapshot(), exposition() (Prometheus text), value(name, **labels): fsm_action_count,
+    fsm_action_duration_seconds {action, resource, status, kind}; fsm_transition_count,
+    fsm_transition_duration_seconds {action, state, resource, status}.
+
+Semantics
+---------
+* Run identity is (type_name, run_id, action); only one can be active at a time, across processes.
+* Cross-process: each run has one owner (a lease row in fsm_active, renewed by a heartbeat thread); writes
+  check ownership in the same transaction. `resume()` takes runs whose lease expired, that have no owner
+  (released by shutdown), or whose owner process on this host is gone (pid + start time).
+* Queue limits are stored in SQLite (fsm_queues) and enforced across processes (runs marked executing).
+* Cancel writes CANCEL; the run stops before its next step (or when the current step raises), finalizers run,
+  FINISH records kind "cancel". Shutdown writes nothing.
+* is_restart is True for the first step executed after the run was taken over by `resume()`.
+* SQLite tables are all prefixed fsm_ (migrations in fsm_schema_version); see img.fsm.store.
+"""
+
+from __future__ import annotations
+
+from . import metrics
+from .definition import FSM, Builder, Request, RunError, RunInfo, register
+from .engine import Machine, Manager
+from .errors import (
+    Abort,
+    AlreadyRunning,
+    Cancelled,
+    DefinitionError,
+    FsmError,
+    LeaseLost,
+    ManagerClosed,
+    RunCancelled,
+    RunFailed,
+    RunNotFound,
+    UnknownFSM,
+    UnknownQueue,
+    Unrecoverable,
+    WaitTimeout,
+)
+from .retry import Backoff, RetryPolicy
+from .store import Event, FsmStore, RunRecord
+
+__all__ = [
+    "FSM",
+    "Abort",
+    "AlreadyRunning",
+    "Backoff",
+    "Builder",
+    "Cancelled",
+    "DefinitionError",
+    "Event",
+    "FsmError",
+    "FsmStore",
+    "LeaseLost",
+    "Machine",
+    "Manager",
+    "ManagerClosed",
+    "Request",
+    "RetryPolicy",
+    "RunCancelled",
+    "RunError",
+    "RunFailed",
+    "RunInfo",
+    "RunNotFound",
+    "RunRecord",
+    "UnknownFSM",
+    "UnknownQueue",
+    "Unrecoverable",
+    "WaitTimeout",
+    "metrics",
+    "register",
+]
