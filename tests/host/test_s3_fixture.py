@@ -57,11 +57,13 @@ def test_multipart_object_roundtrip_and_ranged_get(s3_server: S3Server, tmp_path
 def test_seed_family_numbers_layers_in_order(s3_server: S3Server) -> None:
     bucket = s3_server.new_bucket()
     layers = [f"layer {n}".encode() for n in range(1, 12)]
-    keys = s3_server.seed_family(bucket, "big", layers)
+    keys = s3_server.seed_families(bucket, {"big": layers, "small": layers[:2]})["big"]
     assert keys[9] == "images/big/10.tar"
     client = s3_server.client()
     for key, body in zip(keys, layers, strict=True):
         assert client.get_object(Bucket=bucket, Key=key)["Body"].read() == body
+    listed = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="images/small/")["Contents"]]
+    assert listed == ["images/small/1.tar", "images/small/2.tar"]
 
 
 @pytest.fixture
