@@ -1,0 +1,149 @@
+"""`img-helper serve`: run the helper's socket server (plain, or socket-activated by systemd)."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import grp
+import logging
+import os
+import socket
+import stat
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from img_helper import protocol as P
+
+DEFAULT_POOL = "img-pool"
+DEFAULT_GROUP = "img"
+DEFAULT_STATE_DIR = "/var/lib/img-helper"
+LOCK_NAME = "helper.lock"
+
+
+class ServeError(click.ClickException):
+    """A clear reason the server can't start (exit status 1)."""
+
+
+class AlreadyRunning(ServeError):
+    def __init__(self, lock_path: Path, holder: str) -> None:
+        super().__init__(f"another img-helper instance holds {lock_path}{holder}; only one may run at a time")
+        self.lock_path = lock_path
+
+
+def take_instance_lock(state_dir: Path) -> int:
+    """flock the state dir's lock file for the life of the process (released by the kernel on exit,
+    kill -9 included). Returns the fd; raises AlreadyRunning."""
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = state_dir / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise AlreadyRunning(path, f" (pid {holder})" if holder.isdigit() else "") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def bind_socket(path: Path, gid: int) -> socket.socket:
+    """Bind path as a listening socket, mode 0660 root:gid. A missing parent dir is created 0750
+    root:gid (an existing one is left alone). Call with the instance lock held: a socket already at
+    path is a dead instance's and is replaced."""
+    parent = path.parent
+    if not parent.exists():
+        parent.mkdir(mode=0o750, parents=True)
+        os.chown(parent, 0, gid)
+        os.chmod(parent, 0o750)  # noqa: S103 -- group img must reach the socket inside
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise ServeError(f"{path} exists and is not a socket; refusing to replace it")
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old = os.umask(0o177)  # no window where the socket is reachable by others
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chown(path, 0, gid)
+    os.chmod(path, 0o660)
+    sock.listen(128)
+    return sock
+
+
+def activated_socket() -> socket.socket | None:
+    from img_helper.sdnotify import listen_fds
+
+    fds = listen_fds()
+    if not fds:
+        return None
+    if len(fds) != 1:
+        raise ServeError(f"socket activation passed {len(fds)} fds; img-helper.socket defines exactly one")
+    sock = socket.socket(fileno=fds[0])
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM or not sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        raise ServeError("the socket passed by systemd is not a listening AF_UNIX stream socket")
+    return sock
+
+
+def default_service_factory(pool: str, state_dir: Path) -> Any:
+    from img_helper.service import Service
+
+    return Service(pool=pool, state_dir=state_dir)
+
+
+def run_serve(socket_path: Path, pool: str, group: str, state_dir: Path,
+              service_factory: Callable[[str, Path], Any] = default_service_factory,
+              limits: Any = None, authorizer: Any = None) -> None:
+    """Everything `serve` does; tests call it with a stand-in service factory."""
+    from img_helper.server import Server
+
+    lock_fd = take_instance_lock(state_dir)
+    listener = activated_socket()
+    unlink_path = None
+    if listener is None:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ServeError(f"group {group!r} does not exist (systemd-sysusers creates it from "
+                             "sysusers.d/img.conf; or: groupadd --system img)") from None
+        listener = bind_socket(socket_path, gid)
+        unlink_path = str(socket_path)
+    service = service_factory(pool, state_dir)
+    server = Server(listener, service, authorizer=authorizer, limits=limits, unlink_path=unlink_path)
+    server.install_signal_handlers()
+    where = socket_path if unlink_path else "the systemd socket"
+    logging.getLogger("img_helper").info("serving on %s (pool %s, state %s)", where, pool, state_dir)
+    try:
+        server.serve_forever(on_ready=lambda: _notify(f"READY=1\nMAINPID={os.getpid()}"),
+                             on_stopping=lambda: _notify("STOPPING=1"))
+    finally:
+        os.close(lock_fd)
+
+
+def _notify(state: str) -> None:
+    from img_helper.sdnotify import notify
+
+    notify(state)
+
+
+@click.command("serve")
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path), default=Path(P.DEFAULT_SOCKET),
+              show_default=True, help="Unix socket to listen on (ignored when socket-activated).")
+@click.option("--pool", default=DEFAULT_POOL, show_default=True, help="Thin pool (device-mapper name).")
+@click.option("--group", default=DEFAULT_GROUP, show_default=True,
+              help="Group that may connect (socket 0660).")
+@click.option("--state-dir", type=click.Path(path_type=Path), default=Path(DEFAULT_STATE_DIR),
+              show_default=True, help="Root-owned state: instance lock, thin id records.")
+def serve(socket_path: Path, pool: str, group: str, state_dir: Path) -> None:
+    """Serve the helper's authorized Unix socket (one instance at a time)."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="img-helper[%(process)d]: %(levelname)s %(message)s")
+    if os.geteuid() != 0:
+        raise ServeError("img-helper serve must run as root")
+    run_serve(socket_path, pool, group, state_dir)
