@@ -572,4 +572,4 @@ def test_import_is_cheap() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.split(" ", 1)
     assert out[1].strip() == "[]"
-    assert float(out[0]) < 0.15
+    assert float(out[0]) < 0.5  # ~20-60 ms unloaded; generous because CI machines are shared

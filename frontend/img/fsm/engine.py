@@ -9,9 +9,8 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from . import codec, metrics, ulid
 from .definition import FSM, Builder, Request, RunError, RunInfo, Step
@@ -30,6 +29,9 @@ from .errors import (
 from .owner import hostname, new_owner_id, owner_alive_here, pid_start_time
 from .retry import Backoff, RetryPolicy
 from .store import ConnectionFactory, Event, FsmStore, RunRecord, utc_day
+
+if TYPE_CHECKING:
+    from datetime import datetime
 
 R = TypeVar("R")
 W = TypeVar("W")
@@ -84,7 +86,7 @@ def _describe(e: BaseException) -> str:
 def _as_epoch(t: float | datetime | None) -> float | None:
     if t is None:
         return None
-    return t.timestamp() if isinstance(t, datetime) else float(t)
+    return float(t) if isinstance(t, int | float) else t.timestamp()
 
 
 class Machine(Generic[R, W]):

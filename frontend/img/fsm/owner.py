@@ -4,12 +4,10 @@
 from __future__ import annotations
 
 import os
-import secrets
-import socket
 
 
 def hostname() -> str:
-    return socket.gethostname()
+    return os.uname().nodename
 
 
 def pid_start_time(pid: int) -> str | None:
@@ -27,7 +25,7 @@ def pid_start_time(pid: int) -> str | None:
 
 
 def new_owner_id() -> str:
-    return f"{hostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+    return f"{hostname()}:{os.getpid()}:{os.urandom(4).hex()}"
 
 
 def owner_alive_here(pid: int, pid_start: str | None) -> bool:

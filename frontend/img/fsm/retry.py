@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 
 DEFAULT_MAX_ATTEMPTS = 8
@@ -19,6 +18,8 @@ class Backoff:
         """Delay before retry number `retry` (1 = first retry)."""
         base = min(self.maximum, self.initial * self.factor ** max(0, retry - 1))
         if self.jitter:
+            import random  # lazily: `import img.fsm` stays cheap
+
             base *= 1 + random.uniform(-self.jitter, self.jitter)
         return max(0.0, base)
 
