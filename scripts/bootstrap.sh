@@ -29,6 +29,14 @@ if [ "$(id -u)" = 0 ] && [ "$(sysctl -n vm.max_map_count)" -lt 1048576 ]; then
   sysctl -q -w vm.max_map_count=1048576
 fi
 
+# The helper's group and the two unprivileged test users (one in the group, one not). Made here, before
+# any user-mode-linux guest runs, because guests share /etc with the host but not its file locks.
+if [ "$(id -u)" = 0 ]; then
+  getent group img >/dev/null || groupadd --system img
+  id img-member >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin -G img img-member
+  id img-outsider >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin img-outsider
+fi
+
 # The venv uses Debian's python (not a per-user pyenv under /root) so unprivileged test users can run it.
 PY=/usr/bin/python3
 stamp=.venv/.installed
