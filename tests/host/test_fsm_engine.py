@@ -573,3 +573,57 @@ def test_import_is_cheap() -> None:
     ).stdout.split(" ", 1)
     assert out[1].strip() == "[]"
     assert float(out[0]) < 0.5  # ~20-60 ms unloaded; generous because CI machines are shared
+
+
+def test_start_or_attach_joins_a_live_run_and_adopts_an_orphaned_one(managers: Managers) -> None:
+    gate = threading.Event()
+    calls: list[str] = []
+
+    def build(m: fsm.Manager) -> fsm.Machine[Msg, Out]:
+        def a(req: fsm.Request[Msg, Out]) -> Out:
+            calls.append(m.owner)
+            if not gate.is_set():
+                req.sleep(10)
+            return Out(total=5)
+
+        return m.register("attach", Msg, Out).start("a", a).end("done").build()
+
+    m1, m2 = managers(), managers()
+    mach1, mach2 = build(m1), build(m2)
+    v = mach1.start_or_attach("img", Msg())
+    until(lambda: calls, what="step a")
+    assert mach2.start_or_attach("img", Msg()) == v  # live owner (m1): attach, don't take over
+    assert m2.get_run(v).owner == m1.owner
+    m1.shutdown(timeout=5)  # now orphaned
+    gate.set()
+    assert mach2.start_or_attach("img", Msg()) == v
+    assert m2.get_run(v).owner == m2.owner
+    assert mach2.wait(v, timeout=5) == Out(total=5)
+    assert calls == [m1.owner, m2.owner]
+
+
+def test_wait_on_a_shut_down_manager_does_not_hang(managers: Managers) -> None:
+    m = managers()
+    mach = m.register("late", Msg, Out).start("a", lambda r: Out()).end("done").build()
+    v = mach.start("x", Msg(), delay=30)
+    m.shutdown()
+    with pytest.raises(fsm.ManagerClosed):
+        m.wait(v)
+    with pytest.raises(fsm.ManagerClosed):
+        mach.start("y", Msg())
+
+
+def test_shutdown_from_inside_a_step_does_not_deadlock(managers: Managers) -> None:
+    m = managers()
+    done = threading.Event()
+
+    def a(req: fsm.Request[Msg, Out]) -> Out:
+        m.shutdown(timeout=1)
+        done.set()
+        raise fsm.Cancelled("shutting down")
+
+    mach = m.register("selfstop", Msg, Out).start("a", a).end("done").build()
+    v = mach.start("x", Msg())
+    assert done.wait(5)
+    until(lambda: m.get_run(v).owner is None, what="lease released by the exiting run thread")
+    assert kinds(m, v) == ["START"]

@@ -3,6 +3,7 @@ behind by a dead process, and keeps one owner per run across processes with a le
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import threading
@@ -122,6 +123,9 @@ class Machine(Generic[R, W]):
             backoff=backoff,
         )
 
+    def start_or_attach(self, run_id: str, msg: R, **options: Any) -> str:
+        return self.manager.start_or_attach(self.fsm, run_id, msg, **options)
+
     def resume(self) -> list[str]:
         return self.manager.resume(fsms=[self.fsm])
 
@@ -197,6 +201,7 @@ class Manager:
         self._hb_stop = threading.Event()
         self._scheduler.start()
         self._heartbeat.start()
+        atexit.register(self._at_exit)  # release leases on a normal exit even without shutdown()
 
     # --- registration ---------------------------------------------------------------------------------------
 
@@ -368,6 +373,18 @@ class Manager:
         self._schedule(ctx)
         return version
 
+    def start_or_attach(self, fsm: FSM[R, W] | Machine[R, W], run_id: str, msg: R, **options: Any) -> str:
+        """Start the run, or return the version of the active run with the same (type, id, action) — claiming
+        it first if its owner is dead, so that waiting on it makes progress. For deterministic run ids: two
+        processes asking for the same work end up waiting on one run."""
+        if isinstance(fsm, Machine):
+            fsm = fsm.fsm
+        try:
+            return self.start(fsm, run_id, msg, **options)
+        except AlreadyRunning as e:
+            self.resume(fsms=[fsm])  # claims it only if its owner is gone
+            return e.version
+
     # --- resume ---------------------------------------------------------------------------------------------
 
     def resume(self, fsms: list[FSM[Any, Any]] | None = None) -> list[str]:
@@ -482,6 +499,8 @@ class Manager:
                 raise RunNotFound(f"version {version}")
             if rec.finished:
                 return self._outcome(rec)
+            if self._closed and rec.owner in (None, self.owner):
+                raise ManagerClosed()  # nobody is executing it; the next process's resume() will
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise WaitTimeout(version, timeout or 0.0)
@@ -534,6 +553,7 @@ class Manager:
             return
         self._closed = True
         self._stopping.set()
+        atexit.unregister(self._at_exit)
         with self._lock:
             for ctx in [*self._pending.values(), *(c for c, _ in self._running.values())]:
                 ctx.stop_event.set()
@@ -544,7 +564,8 @@ class Manager:
         with self._lock:
             threads = [t for _, t in self._running.values()]
         for t in threads:
-            t.join(max(0.0, deadline - time.monotonic()))
+            if t is not threading.current_thread():  # shutdown() called from a step
+                t.join(max(0.0, deadline - time.monotonic()))
         self._hb_stop.set()
         self._heartbeat.join(timeout)
         with self._lock:
@@ -561,6 +582,10 @@ class Manager:
                 c.execute("DELETE FROM fsm_owners WHERE owner = ?", (self.owner,))
         with self._done_cv:
             self._done_cv.notify_all()
+
+    def _at_exit(self) -> None:
+        with contextlib.suppress(Exception):
+            self.shutdown(timeout=2.0)
 
     def __enter__(self) -> Manager:
         return self
@@ -704,6 +729,12 @@ class Manager:
             self._drive(ctx)
         except _Interrupted:
             self._logger(ctx).info("run interrupted by shutdown; resumable")
+            with contextlib.suppress(Exception), self.store.tx() as c:  # hand it over at once
+                c.execute(
+                    "UPDATE fsm_active SET owner = NULL, lease_expires = 0, executing = 0"
+                    " WHERE version = ? AND owner = ?",
+                    (ctx.version, self.owner),
+                )
         except LeaseLost as e:
             self._logger(ctx).warning("run abandoned: %s", e)
         except Exception:
@@ -756,7 +787,7 @@ class Manager:
                 except _Stop as s:
                     stop = s.error
                     if s.cause is not None:
-                        self._causes[ctx.version] = s.cause
+                        self._remember_cause(ctx.version, s.cause)
                     self._record_stop(ctx, stop)
                     break
         for fin in fsm.finalizers:
@@ -1006,6 +1037,12 @@ class Manager:
         )
 
     # --- helpers --------------------------------------------------------------------------------------------
+
+    def _remember_cause(self, version: str, cause: BaseException) -> None:
+        with self._lock:
+            self._causes[version] = cause
+            while len(self._causes) > 1000:  # only for chaining in wait(); keep memory bounded
+                del self._causes[next(iter(self._causes))]
 
     def _check_owner(self, c: Any, ctx: _RunCtx) -> None:
         row = c.execute("SELECT owner FROM fsm_active WHERE version = ?", (ctx.version,)).fetchone()
