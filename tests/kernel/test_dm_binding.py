@@ -9,8 +9,8 @@ import subprocess
 import time
 
 import pytest
-
 from img_helper import dm
+
 from tests.fixtures.dmpool import ThinPool, dm_names
 
 pytestmark = pytest.mark.kernel
@@ -69,7 +69,8 @@ def test_delete_unknown_id_is_enodata(thin_pool: ThinPool) -> None:
         dm.delete_thin(thin_pool.name, 9)
 
 
-def test_errors_carry_message_and_print_nothing(thin_pool: ThinPool, capfd: pytest.CaptureFixture[str]) -> None:
+def test_errors_carry_message_and_print_nothing(thin_pool: ThinPool,
+                                                capfd: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(dm.DmError) as exc:
         dm.message(thin_pool.name, "no_such_message 1")
     assert exc.value.errno == errno.EINVAL and exc.value.message
