@@ -627,3 +627,29 @@ def test_shutdown_from_inside_a_step_does_not_deadlock(managers: Managers) -> No
     assert done.wait(5)
     until(lambda: m.get_run(v).owner is None, what="lease released by the exiting run thread")
     assert kinds(m, v) == ["START"]
+
+
+def test_engine_error_is_retried_then_the_run_is_handed_over(
+    managers: Managers, db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from img.fsm import engine
+
+    monkeypatch.setattr(engine, "ENGINE_RETRY_DELAY", 0.01)
+    m1 = managers()
+    mach = (
+        m1.register("corrupt", Msg, Out)
+        .start("a", lambda r: Out(total=1))
+        .to("b", lambda r: r.sleep(5) or Out())
+        .end("done")
+        .build()
+    )
+    v = mach.start("x", Msg())
+    until(lambda: m1.get_run(v).current_state == "b", what="state b")
+    m1.shutdown(timeout=5)
+    with fsm.FsmStore(db).tx() as c:  # a stored response that no longer decodes into Out
+        c.execute("UPDATE fsm_events SET payload = '[1, 2]' WHERE version = ? AND state = 'a'", (v,))
+    m2 = managers()
+    m2.register("corrupt", Msg, Out).start("a", lambda r: Out()).to("b", lambda r: Out()).end("done").build()
+    assert m2.resume() == [v]
+    until(lambda: m2.get_run(v).owner is None, what="run handed over after engine errors")
+    assert m2.get_run(v).active and kinds(m2, v) == ["START", "COMPLETE"]

@@ -38,6 +38,8 @@ R = TypeVar("R")
 W = TypeVar("W")
 
 log = logging.getLogger("img.fsm")
+ENGINE_RETRIES = 3  # engine (not step) errors tolerated per run execution before handing the run over
+ENGINE_RETRY_DELAY = 1.0
 
 
 class _Interrupted(Exception):
@@ -75,6 +77,7 @@ class _RunCtx:
     last_error: str | None = None
     state: str | None = None
     started: float = field(default_factory=time.monotonic)
+    engine_errors: int = 0
 
 
 def _describe(e: BaseException) -> str:
@@ -595,11 +598,11 @@ class Manager:
 
     # --- scheduling -----------------------------------------------------------------------------------------
 
-    def _schedule(self, ctx: _RunCtx) -> None:
+    def _schedule(self, ctx: _RunCtx, delay: float = 0.0) -> None:
         with self._lock:
             if self._stopping.is_set():
                 return  # the run stays in the database, owned by us until shutdown releases it
-            ctx.next_check = 0.0
+            ctx.next_check = time.time() + delay if delay else 0.0
             self._pending[ctx.version] = ctx
             self._sched_cv.notify_all()
 
@@ -637,6 +640,9 @@ class Manager:
                 if row is not None and row[0] not in ("succeeded", "failed", "cancelled"):
                     ctx.next_check = now + self.poll_interval
                     return
+            if ctx.queue and self._queue_full(c, ctx, now):
+                ctx.next_check = now + self.poll_interval
+                return
         with self.store.tx() as c:
             row = c.execute(
                 "SELECT a.owner, r.cancel_requested FROM fsm_active a JOIN fsm_runs r"
@@ -648,18 +654,9 @@ class Manager:
                     self._pending.pop(ctx.version, None)
                 return
             ctx.cancel_requested = ctx.cancel_requested or bool(row[1])
-            if ctx.queue and not ctx.cancel_requested:
-                limit = c.execute(
-                    "SELECT max_running FROM fsm_queues WHERE name = ?", (ctx.queue,)
-                ).fetchone()
-                busy = c.execute(
-                    "SELECT count(*) FROM fsm_active WHERE queue = ? AND executing = 1"
-                    " AND lease_expires > ? AND version != ?",
-                    (ctx.queue, now, ctx.version),
-                ).fetchone()
-                if limit is not None and busy[0] >= limit[0]:
-                    ctx.next_check = now + self.poll_interval
-                    return
+            if ctx.queue and not ctx.cancel_requested and self._queue_full(c, ctx, now):
+                ctx.next_check = now + self.poll_interval
+                return
             c.execute("UPDATE fsm_active SET executing = 1 WHERE version = ?", (ctx.version,))
             c.execute(
                 "UPDATE fsm_runs SET status = 'running', started_at = COALESCE(started_at, ?)"
@@ -673,6 +670,18 @@ class Manager:
             )
             self._running[ctx.version] = (ctx, t)
         t.start()
+
+    def _queue_full(self, c: Any, ctx: _RunCtx, now: float) -> bool:
+        """Runs of the queue executing anywhere (with a live lease) have reached the queue's limit."""
+        limit = c.execute("SELECT max_running FROM fsm_queues WHERE name = ?", (ctx.queue,)).fetchone()
+        if limit is None:
+            return False
+        busy = c.execute(
+            "SELECT count(*) FROM fsm_active WHERE queue = ? AND executing = 1 AND lease_expires > ?"
+            " AND version != ?",
+            (ctx.queue, now, ctx.version),
+        ).fetchone()
+        return bool(busy[0] >= limit[0])
 
     # --- heartbeat: leases, cross-process cancels, lost leases ----------------------------------------------
 
@@ -738,16 +747,30 @@ class Manager:
         except LeaseLost as e:
             self._logger(ctx).warning("run abandoned: %s", e)
         except Exception:
-            self._logger(ctx).exception("fsm engine error; releasing the run for a later resume")
-            with contextlib.suppress(Exception), self.store.tx() as c:
-                c.execute(
-                    "UPDATE fsm_active SET owner = NULL, lease_expires = 0, executing = 0"
-                    " WHERE version = ? AND owner = ?",
-                    (ctx.version, self.owner),
-                )
+            # not a step's error: the engine's own (SQLite busy beyond the timeout, disk full, undecodable
+            # stored response…). Try again a few times, then hand the run over to a later resume().
+            ctx.engine_errors += 1
+            if ctx.engine_errors <= ENGINE_RETRIES and not self._stopping.is_set():
+                self._logger(ctx).exception("fsm engine error; retrying the run soon")
+                ctx.is_restart = True
+                with self._lock:
+                    self._running.pop(ctx.version, None)
+                with contextlib.suppress(Exception), self.store.tx() as c:
+                    c.execute("UPDATE fsm_active SET executing = 0 WHERE version = ?", (ctx.version,))
+                self._schedule(ctx, delay=ENGINE_RETRY_DELAY)
+            else:
+                self._logger(ctx).exception("fsm engine error; releasing the run for a later resume")
+                with contextlib.suppress(Exception), self.store.tx() as c:
+                    c.execute(
+                        "UPDATE fsm_active SET owner = NULL, lease_expires = 0, executing = 0"
+                        " WHERE version = ? AND owner = ?",
+                        (ctx.version, self.owner),
+                    )
         finally:
             with self._lock:
-                self._running.pop(ctx.version, None)
+                entry = self._running.get(ctx.version)
+                if entry is not None and entry[1] is threading.current_thread():
+                    del self._running[ctx.version]
                 for other in self._pending.values():  # a queue slot may be free now
                     if other.queue or other.run_after:
                         other.next_check = 0.0
