@@ -627,4 +627,5 @@ def test_client_import_is_cheap() -> None:
     heavy = {"jeepney", "click", "cffi", "img_helper.server", "img_helper.auth", "logging", "threading",
              "dataclasses", "inspect", "asyncio"}
     assert heavy.isdisjoint(runs[0][1]), heavy & set(runs[0][1])
-    assert min(r[0] for r in runs) < 0.02
+    if not os.environ.get("IMG_IN_VM"):  # user-mode-linux on hostfs is far slower at imports
+        assert min(r[0] for r in runs) < 0.02
