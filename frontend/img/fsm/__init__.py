@@ -76,6 +76,9 @@ Manager(db, *, workers=64, lease_ttl=15.0, queues={name: limit}, retry=RetryPoli
            run_after=None (version), queue=None, parent=None (version), max_attempts=None, backoff=None)
            -> version (ULID str); START is committed before it returns;
            raises AlreadyRunning(.version) / UnknownQueue / ManagerClosed.
+    .start_or_attach(fsm | machine, run_id, msg, **start_options) -> version: start, or on AlreadyRunning
+           return the active run's version after claiming it if its owner is dead (deterministic run ids:
+           two processes asking for the same work wait on one run).
     .resume(fsms=None) -> [versions] claimed: active runs of registered FSMs (type AND action) with no
            live owner.
     .wait(version, timeout=None) -> response | raises RunFailed(.kind, .state, .error) / RunCancelled /
@@ -86,8 +89,8 @@ Manager(db, *, workers=64, lease_ttl=15.0, queues={name: limit}, retry=RetryPoli
     Admin: .list_fsms() -> [dict], .list_active(action=None) -> [RunRecord], .get_run(version) -> RunRecord,
            .history(version) -> [Event], .runs(day=, run_id=, action=, status=, limit=) -> [RunRecord],
            .children(parent) -> [version].  The same reads without threads: FsmStore(db).get_run(...) etc.
-Machine(manager, fsm): .start(run_id, msg, **options), .resume(), .wait(version), .wait_by_id(run_id),
-    .cancel(version), .fsm
+Machine(manager, fsm): .start(run_id, msg, **options), .start_or_attach(run_id, msg, **options), .resume(),
+    .wait(version), .wait_by_id(run_id), .cancel(version), .fsm
 RunRecord: version, run_id, type_name, action, parent, queue, status ("pending" | "running" | "succeeded" |
     "failed" | "cancelled"), current_state, retry_count, error, error_kind, error_state, cancel_requested,
     created_at, started_at, finished_at, run_at, run_after, day, options, msg, result, active, owner,
@@ -108,6 +111,13 @@ Semantics
 * Cancel writes CANCEL; the run stops before its next step (or when the current step raises), finalizers run,
   FINISH records kind "cancel". Shutdown writes nothing.
 * is_restart is True for the first step executed after the run was taken over by `resume()`.
+* A run whose owner died is only continued by some manager's `resume()` (or `start_or_attach`, or a manager
+  with auto_resume=True, which checks every second): call `resume()` when a process starts.
+* A step that returns normally during shutdown still gets its COMPLETE written (its work is done); to stop
+  early, raise (req.check_cancelled() / req.sleep()). Never return a partial response.
+* Message/response dataclasses must be importable at module level (their type hints are resolved to decode).
+* Leases use wall-clock time: processes on several hosts need synchronized clocks. A dead owner on another
+  host holds its queue slots until its lease expires (lease_ttl).
 * SQLite tables are all prefixed fsm_ (migrations in fsm_schema_version); see img.fsm.store.
 """
 
