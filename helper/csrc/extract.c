@@ -1,0 +1,1204 @@
+/* Streaming, confined OCI layer extraction. Policies and error codes: extract.h. */
+#include "extract.h"
+
+#include <archive.h>
+#include <archive_entry.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/openat2.h>
+#include <locale.h>
+#include <openssl/evp.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/sysmacros.h>
+#include <sys/types.h>
+#include <sys/xattr.h>
+#include <unistd.h>
+
+#define READ_BLOCK (1u << 20)
+#define NBUF 4 /* read buffers in flight: libarchive parses one while the hasher thread digests others */
+#define MAX_REMOVE_DEPTH 4096
+#define PATH_LIMIT_CAP (1u << 20) /* no limit configuration may make us allocate more per path */
+#define RESOLVE_FLAGS (RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV)
+
+/* ---------- a set of the paths this layer wrote (whiteouts never hide them) ---------- */
+
+struct pset {
+    char **slot;
+    size_t cap, n;
+};
+
+static uint64_t hash_bytes(const char *s, size_t n)
+{
+    uint64_t h = 1469598103934665603ull; /* FNV-1a */
+    for (size_t i = 0; i < n; i++) {
+        h ^= (unsigned char)s[i];
+        h *= 1099511628211ull;
+    }
+    return h;
+}
+
+static int pset_grow(struct pset *p)
+{
+    size_t ncap = p->cap ? p->cap * 2 : 4096;
+    char **ns = calloc(ncap, sizeof(char *));
+    if (!ns)
+        return -1;
+    for (size_t i = 0; i < p->cap; i++) {
+        char *k = p->slot[i];
+        if (!k)
+            continue;
+        size_t j = hash_bytes(k, strlen(k)) & (ncap - 1);
+        while (ns[j])
+            j = (j + 1) & (ncap - 1);
+        ns[j] = k;
+    }
+    free(p->slot);
+    p->slot = ns;
+    p->cap = ncap;
+    return 0;
+}
+
+static int pset_has(const struct pset *p, const char *s, size_t n)
+{
+    if (!p->cap)
+        return 0;
+    size_t j = hash_bytes(s, n) & (p->cap - 1);
+    while (p->slot[j]) {
+        if (strncmp(p->slot[j], s, n) == 0 && p->slot[j][n] == 0)
+            return 1;
+        j = (j + 1) & (p->cap - 1);
+    }
+    return 0;
+}
+
+static int pset_add(struct pset *p, const char *s, size_t n)
+{
+    if ((p->n + 1) * 10 >= p->cap * 7 && pset_grow(p) < 0)
+        return -1;
+    size_t j = hash_bytes(s, n) & (p->cap - 1);
+    while (p->slot[j]) {
+        if (strncmp(p->slot[j], s, n) == 0 && p->slot[j][n] == 0)
+            return 0;
+        j = (j + 1) & (p->cap - 1);
+    }
+    char *k = malloc(n + 1);
+    if (!k)
+        return -1;
+    memcpy(k, s, n);
+    k[n] = 0;
+    p->slot[j] = k;
+    p->n++;
+    return 0;
+}
+
+static void pset_free(struct pset *p)
+{
+    for (size_t i = 0; i < p->cap; i++)
+        free(p->slot[i]);
+    free(p->slot);
+    p->slot = NULL;
+    p->cap = p->n = 0;
+}
+
+/* ---------- a growable path buffer for recursive removal ---------- */
+
+struct pbuf {
+    char *s;
+    size_t len, cap;
+};
+
+static int pbuf_set(struct pbuf *b, const char *s, size_t n)
+{
+    if (n + 1 > b->cap) {
+        size_t ncap = (n + 1) * 2;
+        char *ns = realloc(b->s, ncap);
+        if (!ns)
+            return -1;
+        b->s = ns;
+        b->cap = ncap;
+    }
+    memcpy(b->s, s, n);
+    b->s[n] = 0;
+    b->len = n;
+    return 0;
+}
+
+static int pbuf_push(struct pbuf *b, const char *name)
+{
+    size_t n = strlen(name), need = b->len + 1 + n + 1;
+    if (need > b->cap) {
+        size_t ncap = need * 2;
+        char *ns = realloc(b->s, ncap);
+        if (!ns)
+            return -1;
+        b->s = ns;
+        b->cap = ncap;
+    }
+    if (b->len)
+        b->s[b->len++] = '/';
+    memcpy(b->s + b->len, name, n + 1);
+    b->len += n;
+    return 0;
+}
+
+/* ---------- SHA-256 on a second thread: hashing costs as much as the rest of the CPU work ---------- */
+
+struct hasher {
+    EVP_MD_CTX *md;
+    unsigned char *buf[NBUF];
+    size_t len[NBUF];
+    uint64_t filled, hashed; /* blocks handed over / digested, in order; block i lives in buf[i % NBUF] */
+    int threaded, stop;
+    pthread_t thread;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+};
+
+static void *hasher_main(void *arg)
+{
+    struct hasher *h = arg;
+    pthread_mutex_lock(&h->mu);
+    for (;;) {
+        while (h->hashed == h->filled && !h->stop)
+            pthread_cond_wait(&h->cv, &h->mu);
+        if (h->hashed == h->filled)
+            break;
+        size_t i = h->hashed % NBUF;
+        pthread_mutex_unlock(&h->mu);
+        EVP_DigestUpdate(h->md, h->buf[i], h->len[i]);
+        pthread_mutex_lock(&h->mu);
+        h->hashed++;
+        pthread_cond_broadcast(&h->cv);
+    }
+    pthread_mutex_unlock(&h->mu);
+    return NULL;
+}
+
+/* The buffer the next block goes into, once the block that used it before has been digested. */
+static unsigned char *hasher_next_buf(struct hasher *h)
+{
+    if (h->threaded) {
+        pthread_mutex_lock(&h->mu);
+        while (h->hashed + NBUF <= h->filled)
+            pthread_cond_wait(&h->cv, &h->mu);
+        pthread_mutex_unlock(&h->mu);
+    }
+    return h->buf[h->filled % NBUF];
+}
+
+/* Hands over the block just read into hasher_next_buf(). The first block is hashed inline: small blobs
+ * never start the thread. */
+static void hasher_submit(struct hasher *h, size_t n)
+{
+    size_t i = h->filled % NBUF;
+    h->len[i] = n;
+    if (!h->threaded && h->filled > 0 && pthread_create(&h->thread, NULL, hasher_main, h) == 0)
+        h->threaded = 1;
+    if (!h->threaded) {
+        EVP_DigestUpdate(h->md, h->buf[i], n);
+        h->filled++;
+        h->hashed++;
+        return;
+    }
+    pthread_mutex_lock(&h->mu);
+    h->filled++;
+    pthread_cond_broadcast(&h->cv);
+    pthread_mutex_unlock(&h->mu);
+}
+
+/* Waits for the last block and stops the thread: after this, md holds the digest of every block. */
+static void hasher_join(struct hasher *h)
+{
+    if (!h->threaded)
+        return;
+    pthread_mutex_lock(&h->mu);
+    h->stop = 1;
+    pthread_cond_broadcast(&h->cv);
+    pthread_mutex_unlock(&h->mu);
+    pthread_join(h->thread, NULL);
+    h->threaded = 0;
+}
+
+static int hasher_init(struct hasher *h)
+{
+    memset(h, 0, sizeof(*h));
+    pthread_mutex_init(&h->mu, NULL);
+    pthread_cond_init(&h->cv, NULL);
+    h->md = EVP_MD_CTX_new();
+    if (!h->md || EVP_DigestInit_ex(h->md, EVP_sha256(), NULL) != 1)
+        return -1;
+    for (int i = 0; i < NBUF; i++)
+        if (!(h->buf[i] = malloc(READ_BLOCK)))
+            return -1;
+    return 0;
+}
+
+static void hasher_free(struct hasher *h)
+{
+    hasher_join(h);
+    for (int i = 0; i < NBUF; i++)
+        free(h->buf[i]);
+    EVP_MD_CTX_free(h->md);
+    pthread_mutex_destroy(&h->mu);
+    pthread_cond_destroy(&h->cv);
+}
+
+/* ---------- extraction context ---------- */
+
+struct dir_time {
+    char *path;
+    struct timespec ts[2];
+};
+
+struct xctx {
+    int root; /* our own O_RDONLY dirfd of the root */
+    int src;
+    uint64_t pos, end;
+    int to_eof;
+    int short_blob;
+    int read_errno;
+    struct hasher h;
+    struct archive *a;
+    struct img_limits lim;
+    struct img_extract_stats *st;
+    struct img_extract_error *err;
+    img_progress_fn progress;
+    void *progress_ctx;
+    uint64_t progress_entries, progress_bytes, next_progress_entries, next_progress_bytes;
+    uint64_t declared_bytes;
+    int is_root;
+
+    const char *cur; /* the current entry's name as archived, for errors */
+    char *norm;      /* the current entry's normalized path */
+    size_t norm_len;
+    char *target; /* a hardlink target's normalized path */
+    size_t target_len;
+
+    /* parent dirfd cache: tar streams are grouped by directory */
+    char *cache_path;
+    size_t cache_len;
+    int cache_valid;
+    int cache_fd;
+
+    struct pset layer;
+    struct dir_time *dirs;
+    size_t ndirs, capdirs;
+    struct pbuf rm;
+};
+
+static int fail(struct xctx *x, const char *code, int errnum, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+static int fail(struct xctx *x, const char *code, int errnum, const char *fmt, ...)
+{
+    struct img_extract_error *e = x->err;
+    if (e->code[0])
+        return -1; /* the first error is the one that matters */
+    snprintf(e->code, sizeof(e->code), "%s", code);
+    snprintf(e->entry, sizeof(e->entry), "%s", x->cur ? x->cur : "");
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(e->reason, sizeof(e->reason), fmt, ap);
+    va_end(ap);
+    if (errnum && n >= 0 && (size_t)n < sizeof(e->reason))
+        snprintf(e->reason + n, sizeof(e->reason) - n, ": %s", strerror(errnum));
+    e->err = errnum;
+    return -1;
+}
+
+/* An errno from resolving or creating a path: the input's fault ("path") or the system's ("io"). */
+static int fail_errno(struct xctx *x, int errnum, const char *what)
+{
+    switch (errnum) {
+    case ELOOP:
+    case ENOTDIR:
+    case ENAMETOOLONG:
+    case EXDEV:
+    case EMLINK:
+        return fail(x, "path", errnum, "%s", what);
+    default:
+        return fail(x, "io", errnum, "%s", what);
+    }
+}
+
+static int openat2_in_root(int root, const char *path, int flags)
+{
+    struct open_how how = {.flags = (uint64_t)(flags | O_CLOEXEC), .mode = 0, .resolve = RESOLVE_FLAGS};
+    for (int tries = 0;; tries++) {
+        long fd = syscall(SYS_openat2, root, path, &how, sizeof(how));
+        if (fd >= 0 || errno != EAGAIN || tries >= 64)
+            return (int)fd;
+    }
+}
+
+/* ---------- reading the blob: pread on a byte range, hashing every byte handed over ---------- */
+
+static la_ssize_t blob_read(struct archive *a, void *cd, const void **out)
+{
+    struct xctx *x = cd;
+    size_t want = READ_BLOCK;
+    if (!x->to_eof) {
+        uint64_t left = x->end - x->pos;
+        if (left == 0)
+            return 0;
+        if (want > left)
+            want = (size_t)left;
+    }
+    unsigned char *buf = hasher_next_buf(&x->h);
+    ssize_t n;
+    do
+        n = pread(x->src, buf, want, (off_t)x->pos);
+    while (n < 0 && errno == EINTR);
+    if (n < 0) {
+        x->read_errno = errno;
+        if (a)
+            archive_set_error(a, errno, "reading the blob");
+        return -1;
+    }
+    if (n == 0) {
+        if (!x->to_eof) {
+            x->short_blob = 1;
+            if (a)
+                archive_set_error(a, EIO, "the blob ends before its declared length");
+            return -1;
+        }
+        return 0;
+    }
+    hasher_submit(&x->h, (size_t)n);
+    x->pos += (uint64_t)n;
+    x->st->blob_bytes += (uint64_t)n;
+    *out = buf;
+    return n;
+}
+
+/* ---------- names ---------- */
+
+/* Strips "/", "./", empty and "." components; a ".." component is an escape. Returns 0, -1 (escape),
+ * -2 (too long). */
+static int normalize(const char *in, char *out, size_t cap, size_t *outlen, uint64_t *depth)
+{
+    size_t o = 0;
+    uint64_t d = 0;
+    const char *p = in;
+    while (*p) {
+        while (*p == '/')
+            p++;
+        if (!*p)
+            break;
+        const char *s = p;
+        while (*p && *p != '/')
+            p++;
+        size_t n = (size_t)(p - s);
+        if (n == 1 && s[0] == '.')
+            continue;
+        if (n == 2 && s[0] == '.' && s[1] == '.')
+            return -1;
+        if (o + (o ? 1 : 0) + n + 1 > cap)
+            return -2;
+        if (o)
+            out[o++] = '/';
+        memcpy(out + o, s, n);
+        o += n;
+        d++;
+    }
+    out[o] = 0;
+    *outlen = o;
+    *depth = d;
+    return 0;
+}
+
+/* ---------- resolving parents ---------- */
+
+static void cache_set(struct xctx *x, const char *path, size_t len, int fd)
+{
+    if (x->cache_fd >= 0 && x->cache_fd != fd)
+        close(x->cache_fd);
+    memcpy(x->cache_path, path, len);
+    x->cache_path[len] = 0;
+    x->cache_len = len;
+    x->cache_fd = fd;
+    x->cache_valid = 1;
+}
+
+/* Something was removed or replaced: a cached resolution may be stale. The fd stays open (the current
+ * entry may be using it) until the next cache_set. */
+static void cache_invalidate(struct xctx *x) { x->cache_valid = 0; }
+
+/* Creates the missing directories of path (relative to the root), each resolved in the root. */
+static int make_parents(struct xctx *x, char *path, size_t len)
+{
+    int prev = x->root;
+    for (size_t i = 0; i <= len; i++) {
+        if (i < len && path[i] != '/')
+            continue;
+        char saved = path[i];
+        path[i] = 0;
+        int fd = openat2_in_root(x->root, path, O_PATH | O_DIRECTORY);
+        if (fd < 0 && errno == ENOENT) {
+            const char *comp = strrchr(path, '/');
+            comp = comp ? comp + 1 : path;
+            if (mkdirat(prev, comp, 0755) == 0) {
+                if (pset_add(&x->layer, path, i) < 0) {
+                    path[i] = saved;
+                    if (prev != x->root)
+                        close(prev);
+                    return fail(x, "io", ENOMEM, "recording a path");
+                }
+            } else if (errno != EEXIST) {
+                int e = errno;
+                path[i] = saved;
+                if (prev != x->root)
+                    close(prev);
+                return fail_errno(x, e, "creating a parent directory");
+            }
+            fd = openat2_in_root(x->root, path, O_PATH | O_DIRECTORY);
+            if (fd < 0 && errno == ENOENT) { /* it exists, yet does not resolve: a dangling symlink */
+                path[i] = saved;
+                if (prev != x->root)
+                    close(prev);
+                return fail(x, "path", ENOENT, "a parent is a dangling symlink");
+            }
+        }
+        int e = errno;
+        path[i] = saved;
+        if (prev != x->root)
+            close(prev);
+        if (fd < 0)
+            return fail_errno(x, e, "resolving a parent directory");
+        prev = fd;
+    }
+    return prev;
+}
+
+/* The dirfd of the parent of x->norm (whose last '/' is at slash, or none). create: make missing
+ * parents. Returns the fd (owned by the cache or the root) or -1; with !create, -2 when it is absent. */
+static int open_parent(struct xctx *x, size_t plen, int create)
+{
+    if (plen == 0)
+        return x->root;
+    if (x->cache_valid && x->cache_len == plen && memcmp(x->cache_path, x->norm, plen) == 0)
+        return x->cache_fd;
+    char saved = x->norm[plen];
+    x->norm[plen] = 0;
+    int fd = openat2_in_root(x->root, x->norm, O_PATH | O_DIRECTORY);
+    int e = errno;
+    x->norm[plen] = saved;
+    if (fd < 0) {
+        if (!create && (e == ENOENT || e == ENOTDIR))
+            return -2;
+        if (e != ENOENT)
+            return fail_errno(x, e, "resolving the parent directory");
+        fd = make_parents(x, x->norm, plen);
+        if (fd < 0)
+            return -1;
+    }
+    cache_set(x, x->norm, plen, fd);
+    return fd;
+}
+
+/* ---------- removal, never following symlinks ---------- */
+
+static int remove_at(struct xctx *x, int dfd, const char *name, int keep_layer, int depth);
+
+/* Removes dfd's children; with keep_layer, keeps (and descends into) what this layer wrote. x->rm holds
+ * the path of the directory. */
+static int empty_dir(struct xctx *x, int fd, int keep_layer, int depth)
+{
+    if (depth > MAX_REMOVE_DEPTH) {
+        close(fd);
+        return fail(x, "limit", 0, "directory tree too deep to remove");
+    }
+    DIR *d = fdopendir(fd);
+    if (!d) {
+        int e = errno;
+        close(fd);
+        return fail(x, "io", e, "reading a directory to remove");
+    }
+    int rc = 0;
+    struct dirent *de;
+    errno = 0;
+    while ((de = readdir(d)) != NULL) {
+        if (de->d_name[0] == '.' && (!de->d_name[1] || (de->d_name[1] == '.' && !de->d_name[2])))
+            continue;
+        if (remove_at(x, dirfd(d), de->d_name, keep_layer, depth + 1) < 0) {
+            rc = -1;
+            break;
+        }
+        errno = 0;
+    }
+    if (rc == 0 && errno)
+        rc = fail(x, "io", errno, "reading a directory to remove");
+    closedir(d);
+    return rc;
+}
+
+static int remove_at(struct xctx *x, int dfd, const char *name, int keep_layer, int depth)
+{
+    struct stat st;
+    if (fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) < 0)
+        return errno == ENOENT ? 0 : fail(x, "io", errno, "inspecting an object to remove");
+    size_t mark = x->rm.len;
+    int in_layer = 0, rc = 0;
+    if (keep_layer) {
+        if (pbuf_push(&x->rm, name) < 0)
+            return fail(x, "io", ENOMEM, "path buffer");
+        in_layer = pset_has(&x->layer, x->rm.s, x->rm.len);
+    }
+    if (!S_ISDIR(st.st_mode)) {
+        if (!in_layer && unlinkat(dfd, name, 0) < 0 && errno != ENOENT)
+            rc = fail(x, "io", errno, "removing an object");
+    } else {
+        int fd = openat(dfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        if (fd < 0)
+            rc = fail(x, "io", errno, "opening a directory to remove");
+        else
+            rc = empty_dir(x, fd, keep_layer, depth);
+        if (rc == 0 && !in_layer && unlinkat(dfd, name, AT_REMOVEDIR) < 0 && errno != ENOENT &&
+            !(keep_layer && errno == ENOTEMPTY))
+            rc = fail(x, "io", errno, "removing a directory");
+    }
+    if (keep_layer) {
+        x->rm.len = mark;
+        x->rm.s[mark] = 0;
+    }
+    return rc;
+}
+
+/* Makes room for a new entry at pfd/base: removes whatever is there (a whole tree for a directory). */
+static int replace_existing(struct xctx *x, int pfd, const char *base)
+{
+    cache_invalidate(x);
+    return remove_at(x, pfd, base, 0, 0);
+}
+
+/* ---------- metadata ---------- */
+
+static void entry_times(struct archive_entry *e, struct timespec ts[2])
+{
+    ts[1].tv_sec = archive_entry_mtime(e);
+    ts[1].tv_nsec = archive_entry_mtime_nsec(e);
+    if (archive_entry_atime_is_set(e)) {
+        ts[0].tv_sec = archive_entry_atime(e);
+        ts[0].tv_nsec = archive_entry_atime_nsec(e);
+    } else {
+        ts[0] = ts[1];
+    }
+}
+
+static int xattr_allowed(const char *name)
+{
+    return strncmp(name, "user.", 5) == 0 || strcmp(name, "security.capability") == 0;
+}
+
+/* Checked before anything is created so a refused entry leaves nothing behind. */
+static int check_xattrs(struct xctx *x, struct archive_entry *e)
+{
+    if (archive_entry_xattr_reset(e) == 0)
+        return 0;
+    const char *name;
+    const void *val;
+    size_t size, total = 0;
+    while (archive_entry_xattr_next(e, &name, &val, &size) == ARCHIVE_OK) {
+        total += strlen(name) + size;
+        if (total > x->lim.max_xattr_bytes)
+            return fail(x, "limit", 0, "xattrs exceed max_xattr_bytes (%llu)",
+                        (unsigned long long)x->lim.max_xattr_bytes);
+    }
+    return 0;
+}
+
+/* fd < 0: a symlink, whose xattrs are dropped (user.* is not allowed on symlinks anyway). */
+static int apply_xattrs(struct xctx *x, struct archive_entry *e, int fd)
+{
+    if (archive_entry_xattr_reset(e) == 0)
+        return 0;
+    const char *name;
+    const void *val;
+    size_t size;
+    while (archive_entry_xattr_next(e, &name, &val, &size) == ARCHIVE_OK) {
+        if (fd < 0 || !xattr_allowed(name)) {
+            x->st->xattrs_dropped++;
+            continue;
+        }
+        if (fsetxattr(fd, name, val, size, 0) < 0) {
+            if (errno == ENOTSUP || errno == EOPNOTSUPP) {
+                x->st->xattrs_dropped++;
+                continue;
+            }
+            return fail(x, "io", errno, "setting xattr %s", name);
+        }
+        x->st->xattrs++;
+    }
+    return 0;
+}
+
+/* Owner, then mode (chown clears setuid/setgid), then xattrs (chown clears security.capability). */
+static int apply_fd_meta(struct xctx *x, struct archive_entry *e, int fd)
+{
+    if (x->is_root && fchown(fd, (uid_t)archive_entry_uid(e), (gid_t)archive_entry_gid(e)) < 0)
+        return fail(x, "io", errno, "chown");
+    if (fchmod(fd, archive_entry_perm(e) & 07777) < 0)
+        return fail(x, "io", errno, "chmod");
+    return apply_xattrs(x, e, fd);
+}
+
+static int remember_dir_time(struct xctx *x, const char *path, size_t len, struct archive_entry *e)
+{
+    if (x->ndirs == x->capdirs) {
+        size_t ncap = x->capdirs ? x->capdirs * 2 : 256;
+        struct dir_time *nd = realloc(x->dirs, ncap * sizeof(*nd));
+        if (!nd)
+            return fail(x, "io", ENOMEM, "directory list");
+        x->dirs = nd;
+        x->capdirs = ncap;
+    }
+    char *p = malloc(len + 1);
+    if (!p)
+        return fail(x, "io", ENOMEM, "directory list");
+    memcpy(p, path, len);
+    p[len] = 0;
+    x->dirs[x->ndirs].path = p;
+    entry_times(e, x->dirs[x->ndirs].ts);
+    x->ndirs++;
+    return 0;
+}
+
+/* Directories' mtimes change as children are added: set them once the layer is complete. */
+static void fix_dir_times(struct xctx *x)
+{
+    for (size_t i = 0; i < x->ndirs; i++) {
+        const char *p = x->dirs[i].path;
+        int fd = p[0] ? openat2_in_root(x->root, p, O_RDONLY | O_DIRECTORY | O_NOFOLLOW) : x->root;
+        if (fd < 0)
+            continue; /* removed or replaced later in the layer */
+        futimens(fd, x->dirs[i].ts);
+        if (fd != x->root)
+            close(fd);
+    }
+}
+
+/* ---------- entries ---------- */
+
+static int write_data(struct xctx *x, struct archive_entry *e, int fd)
+{
+    const void *buf;
+    size_t size;
+    la_int64_t off;
+    uint64_t declared = (uint64_t)archive_entry_size(e), hi = 0;
+    for (;;) {
+        int r = archive_read_data_block(x->a, &buf, &size, &off);
+        if (r == ARCHIVE_EOF)
+            break;
+        if (r != ARCHIVE_OK) {
+            if (x->read_errno)
+                return fail(x, "io", x->read_errno, "reading the blob");
+            return fail(x, "corrupt", 0, "%s", archive_error_string(x->a));
+        }
+        if (off < 0 || (uint64_t)off + size > declared)
+            return fail(x, "corrupt", 0, "data beyond the entry's size");
+        const char *p = buf;
+        while (size) {
+            ssize_t w = pwrite(fd, p, size, (off_t)off);
+            if (w < 0) {
+                if (errno == EINTR)
+                    continue;
+                return fail(x, "io", errno, "writing file data");
+            }
+            p += w;
+            off += w;
+            size -= (size_t)w;
+            x->st->bytes += (uint64_t)w;
+        }
+        if ((uint64_t)off > hi)
+            hi = (uint64_t)off;
+    }
+    if (hi < declared && ftruncate(fd, (off_t)declared) < 0) /* a sparse tail */
+        return fail(x, "io", errno, "extending a sparse file");
+    return 0;
+}
+
+static int do_file(struct xctx *x, struct archive_entry *e, int pfd, const char *base)
+{
+    int fd = openat(pfd, base, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (fd < 0 && errno == EEXIST) {
+        if (replace_existing(x, pfd, base) < 0)
+            return -1;
+        fd = openat(pfd, base, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+    }
+    if (fd < 0)
+        return fail_errno(x, errno, "creating a file");
+    struct timespec ts[2];
+    entry_times(e, ts);
+    int rc = write_data(x, e, fd);
+    if (rc == 0)
+        rc = apply_fd_meta(x, e, fd);
+    if (rc == 0 && futimens(fd, ts) < 0)
+        rc = fail(x, "io", errno, "setting times");
+    if (close(fd) < 0 && rc == 0)
+        rc = fail(x, "io", errno, "closing a file");
+    x->st->files++;
+    return rc;
+}
+
+static int do_dir(struct xctx *x, struct archive_entry *e, int pfd, const char *base)
+{
+    if (mkdirat(pfd, base, 0700) < 0) {
+        if (errno != EEXIST)
+            return fail_errno(x, errno, "creating a directory");
+        struct stat st;
+        if (fstatat(pfd, base, &st, AT_SYMLINK_NOFOLLOW) < 0)
+            return fail(x, "io", errno, "inspecting an existing object");
+        if (!S_ISDIR(st.st_mode)) { /* a non-directory is replaced; a directory is merged */
+            if (replace_existing(x, pfd, base) < 0)
+                return -1;
+            if (mkdirat(pfd, base, 0700) < 0)
+                return fail_errno(x, errno, "creating a directory");
+        }
+    }
+    int fd = openat(pfd, base, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0)
+        return fail_errno(x, errno, "opening a directory");
+    if (apply_fd_meta(x, e, fd) < 0 || remember_dir_time(x, x->norm, x->norm_len, e) < 0) {
+        close(fd);
+        return -1;
+    }
+    x->st->dirs++;
+    cache_set(x, x->norm, x->norm_len, fd); /* the next entries are most likely its children */
+    return 0;
+}
+
+static int do_symlink(struct xctx *x, struct archive_entry *e, int pfd, const char *base)
+{
+    const char *target = archive_entry_symlink(e);
+    if (!target || !target[0])
+        return fail(x, "invalid", 0, "symlink with an empty target");
+    if (symlinkat(target, pfd, base) < 0) {
+        if (errno != EEXIST)
+            return fail_errno(x, errno, "creating a symlink");
+        if (replace_existing(x, pfd, base) < 0)
+            return -1;
+        if (symlinkat(target, pfd, base) < 0)
+            return fail_errno(x, errno, "creating a symlink");
+    }
+    if (x->is_root &&
+        fchownat(pfd, base, (uid_t)archive_entry_uid(e), (gid_t)archive_entry_gid(e), AT_SYMLINK_NOFOLLOW) < 0)
+        return fail(x, "io", errno, "chown");
+    if (apply_xattrs(x, e, -1) < 0)
+        return -1;
+    struct timespec ts[2];
+    entry_times(e, ts);
+    if (utimensat(pfd, base, ts, AT_SYMLINK_NOFOLLOW) < 0)
+        return fail(x, "io", errno, "setting times");
+    x->st->symlinks++;
+    return 0;
+}
+
+/* Links to the object named by the (normalized) target, resolved in the root; the target's last
+ * component is not followed, so a link to a symlink links the symlink (as tar does). linkat on the two
+ * resolved parents needs no CAP_DAC_READ_SEARCH and no /proc magic links. */
+static int do_hardlink(struct xctx *x, int pfd, const char *base)
+{
+    char *tslash = strrchr(x->target, '/');
+    const char *tbase = tslash ? tslash + 1 : x->target;
+    int tpfd = x->root;
+    if (tslash) {
+        *tslash = 0;
+        tpfd = openat2_in_root(x->root, x->target, O_PATH | O_DIRECTORY);
+        int e = errno;
+        *tslash = '/';
+        if (tpfd < 0)
+            return e == ENOENT ? fail(x, "path", e, "hardlink target %s", x->target)
+                               : fail_errno(x, e, "resolving a hardlink target");
+    }
+    int rc = 0;
+    if (linkat(tpfd, tbase, pfd, base, 0) < 0) {
+        if (errno == EEXIST) {
+            struct stat a, b;
+            if (fstatat(tpfd, tbase, &a, AT_SYMLINK_NOFOLLOW) == 0 &&
+                fstatat(pfd, base, &b, AT_SYMLINK_NOFOLLOW) == 0 && a.st_dev == b.st_dev &&
+                a.st_ino == b.st_ino)
+                goto done; /* already that object */
+            rc = replace_existing(x, pfd, base);
+            if (rc == 0 && linkat(tpfd, tbase, pfd, base, 0) < 0)
+                rc = errno == ENOENT ? fail(x, "path", errno, "hardlink target %s", x->target)
+                                     : fail_errno(x, errno, "creating a hardlink");
+        } else if (errno == ENOENT) {
+            rc = fail(x, "path", errno, "hardlink target %s", x->target);
+        } else if (errno == EPERM) {
+            rc = fail(x, "path", errno, "hardlink to a directory %s", x->target);
+        } else {
+            rc = fail_errno(x, errno, "creating a hardlink");
+        }
+    }
+done:
+    if (tpfd != x->root)
+        close(tpfd);
+    if (rc == 0)
+        x->st->hardlinks++;
+    return rc;
+}
+
+/* The OCI runtime's default devices: harmless to have on any filesystem. */
+static int device_allowed(struct archive_entry *e)
+{
+    static const unsigned devs[][2] = {{1, 3}, {1, 5}, {1, 7}, {1, 8}, {1, 9}, {5, 0}, {5, 1}, {5, 2}};
+    if (archive_entry_filetype(e) != AE_IFCHR)
+        return 0;
+    unsigned ma = (unsigned)archive_entry_rdevmajor(e), mi = (unsigned)archive_entry_rdevminor(e);
+    for (size_t i = 0; i < sizeof(devs) / sizeof(devs[0]); i++)
+        if (devs[i][0] == ma && devs[i][1] == mi)
+            return 1;
+    return 0;
+}
+
+static int do_node(struct xctx *x, struct archive_entry *e, int pfd, const char *base)
+{
+    unsigned type = archive_entry_filetype(e);
+    dev_t dev = 0;
+    if (type != AE_IFIFO) {
+        if (!x->is_root || !device_allowed(e)) {
+            x->st->devices_skipped++;
+            return 0;
+        }
+        dev = makedev((unsigned)archive_entry_rdevmajor(e), (unsigned)archive_entry_rdevminor(e));
+    }
+    mode_t mode = (type == AE_IFIFO ? S_IFIFO : S_IFCHR) | 0600;
+    if (mknodat(pfd, base, mode, dev) < 0) {
+        if (errno != EEXIST)
+            return fail_errno(x, errno, "creating a node");
+        if (replace_existing(x, pfd, base) < 0)
+            return -1;
+        if (mknodat(pfd, base, mode, dev) < 0)
+            return fail_errno(x, errno, "creating a node");
+    }
+    if (x->is_root &&
+        fchownat(pfd, base, (uid_t)archive_entry_uid(e), (gid_t)archive_entry_gid(e), AT_SYMLINK_NOFOLLOW) < 0)
+        return fail(x, "io", errno, "chown");
+    /* we just created base as a node and nothing else writes here: following is moot */
+    if (fchmodat(pfd, base, archive_entry_perm(e) & 07777, 0) < 0)
+        return fail(x, "io", errno, "chmod");
+    if (apply_xattrs(x, e, -1) < 0)
+        return -1;
+    struct timespec ts[2];
+    entry_times(e, ts);
+    if (utimensat(pfd, base, ts, AT_SYMLINK_NOFOLLOW) < 0)
+        return fail(x, "io", errno, "setting times");
+    if (type == AE_IFIFO)
+        x->st->fifos++;
+    else
+        x->st->devices++;
+    return 0;
+}
+
+/* The root's own entry ("./"): a directory merges its metadata into the root; anything else is refused. */
+static int do_root(struct xctx *x, struct archive_entry *e)
+{
+    if (archive_entry_hardlink(e) || archive_entry_filetype(e) != AE_IFDIR)
+        return fail(x, "escape", 0, "a non-directory entry for the image root");
+    if (apply_fd_meta(x, e, x->root) < 0 || remember_dir_time(x, "", 0, e) < 0)
+        return -1;
+    x->st->dirs++;
+    return 0;
+}
+
+/* ".wh.<name>" removes <name> of lower layers; ".wh..wh..opq" removes all lower children of its
+ * directory. Whatever this layer wrote survives, whatever the order in the tar. Parent directories are
+ * resolved in the root like any entry's; the removed objects themselves are never followed. */
+static int do_whiteout(struct xctx *x, size_t plen, const char *base)
+{
+    x->st->whiteouts++;
+    const char *name = base + 4;
+    int opaque = strcmp(base, ".wh..wh..opq") == 0;
+    if (!opaque && (!name[0] || strcmp(name, ".") == 0 || strcmp(name, "..") == 0))
+        return fail(x, "escape", 0, "whiteout of \"%s\" names its directory or a parent", name);
+    if (pbuf_set(&x->rm, x->norm, plen) < 0)
+        return fail(x, "io", ENOMEM, "path buffer");
+    cache_invalidate(x);
+    if (opaque) {
+        int fd;
+        if (plen == 0) {
+            fd = openat(x->root, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        } else {
+            x->norm[plen] = 0;
+            fd = openat2_in_root(x->root, x->norm, O_RDONLY | O_DIRECTORY);
+            x->norm[plen] = '/';
+        }
+        if (fd < 0)
+            return (errno == ENOENT || errno == ENOTDIR) ? 0 : fail_errno(x, errno, "opening an opaque directory");
+        return empty_dir(x, fd, 1, 0);
+    }
+    int pfd = open_parent(x, plen, 0);
+    if (pfd == -2)
+        return 0; /* nothing there to hide */
+    if (pfd < 0)
+        return -1;
+    return remove_at(x, pfd, name, 1, 0);
+}
+
+static int check_limits(struct xctx *x, struct archive_entry *e)
+{
+    struct img_limits *l = &x->lim;
+    if (x->st->entries > l->max_entries)
+        return fail(x, "limit", 0, "more than max_entries (%llu) entries", (unsigned long long)l->max_entries);
+    la_int64_t hdr = archive_filter_bytes(x->a, 0) - archive_read_header_position(x->a);
+    if (hdr > 0 && (uint64_t)hdr > l->max_header_bytes)
+        return fail(x, "limit", 0, "header of %lld bytes exceeds max_header_bytes (%llu)", (long long)hdr,
+                    (unsigned long long)l->max_header_bytes);
+    if (strlen(x->cur) > l->max_path_len)
+        return fail(x, "limit", 0, "name longer than max_path_len (%llu)", (unsigned long long)l->max_path_len);
+    const char *t = archive_entry_hardlink(e);
+    if (!t)
+        t = archive_entry_symlink(e);
+    if (t && strlen(t) > l->max_path_len)
+        return fail(x, "limit", 0, "link target longer than max_path_len (%llu)",
+                    (unsigned long long)l->max_path_len);
+    if (archive_entry_size_is_set(e)) {
+        la_int64_t size = archive_entry_size(e);
+        if (size < 0)
+            return fail(x, "corrupt", 0, "negative size");
+        if ((uint64_t)size > l->max_file_bytes)
+            return fail(x, "limit", 0, "size %lld exceeds max_file_bytes (%llu)", (long long)size,
+                        (unsigned long long)l->max_file_bytes);
+        x->declared_bytes += (uint64_t)size;
+        if (x->declared_bytes > l->max_total_bytes)
+            return fail(x, "limit", 0, "layer content exceeds max_total_bytes (%llu)",
+                        (unsigned long long)l->max_total_bytes);
+    }
+    return check_xattrs(x, e);
+}
+
+static int do_entry(struct xctx *x, struct archive_entry *e)
+{
+    x->cur = archive_entry_pathname(e);
+    if (!x->cur)
+        return fail(x, "invalid", 0, "entry without a usable name");
+    x->st->entries++;
+    if (check_limits(x, e) < 0)
+        return -1;
+    uint64_t depth;
+    int r = normalize(x->cur, x->norm, x->lim.max_path_len + 1, &x->norm_len, &depth);
+    if (r == -1)
+        return fail(x, "escape", 0, "a \"..\" component");
+    if (r == -2)
+        return fail(x, "limit", 0, "name longer than max_path_len");
+    if (depth > x->lim.max_depth)
+        return fail(x, "limit", 0, "path deeper than max_depth (%llu)", (unsigned long long)x->lim.max_depth);
+    if (x->norm_len == 0)
+        return do_root(x, e);
+
+    char *slash = memrchr(x->norm, '/', x->norm_len);
+    size_t plen = slash ? (size_t)(slash - x->norm) : 0;
+    const char *base = slash ? slash + 1 : x->norm;
+    if (strncmp(base, ".wh.", 4) == 0)
+        return do_whiteout(x, plen, base);
+
+    const char *link = archive_entry_hardlink(e);
+    if (link) {
+        uint64_t tdepth;
+        r = normalize(link, x->target, x->lim.max_path_len + 1, &x->target_len, &tdepth);
+        if (r == -1)
+            return fail(x, "escape", 0, "hardlink target with a \"..\" component");
+        if (r == -2)
+            return fail(x, "limit", 0, "hardlink target longer than max_path_len");
+        if (x->target_len == 0)
+            return fail(x, "escape", 0, "hardlink to the image root");
+    }
+    unsigned type = archive_entry_filetype(e);
+    if (!link && type != AE_IFREG && type != AE_IFDIR && type != AE_IFLNK && type != AE_IFIFO &&
+        type != AE_IFCHR && type != AE_IFBLK)
+        return fail(x, "invalid", 0, "unsupported entry type 0%o", type);
+
+    int pfd = open_parent(x, plen, 1);
+    if (pfd < 0)
+        return -1;
+    if (link)
+        r = do_hardlink(x, pfd, base);
+    else if (type == AE_IFREG)
+        r = do_file(x, e, pfd, base);
+    else if (type == AE_IFDIR)
+        r = do_dir(x, e, pfd, base);
+    else if (type == AE_IFLNK)
+        r = do_symlink(x, e, pfd, base);
+    else
+        r = do_node(x, e, pfd, base);
+    if (r == 0 && pset_add(&x->layer, x->norm, x->norm_len) < 0)
+        return fail(x, "io", ENOMEM, "recording a path");
+    return r;
+}
+
+static int report(struct xctx *x)
+{
+    if (!x->progress)
+        return 0;
+    if (x->st->entries < x->next_progress_entries && x->st->bytes < x->next_progress_bytes)
+        return 0;
+    x->next_progress_entries = x->st->entries + x->progress_entries;
+    x->next_progress_bytes = x->st->bytes + x->progress_bytes;
+    if (x->progress(x->progress_ctx, x->st) != 0) {
+        x->cur = NULL;
+        return fail(x, "cancelled", 0, "stopped by the progress callback");
+    }
+    return 0;
+}
+
+static int header_error(struct xctx *x, int r)
+{
+    if (x->read_errno)
+        return fail(x, "io", x->read_errno, "reading the blob");
+    if (x->short_blob)
+        return fail(x, "corrupt", 0, "the blob ends before its declared length");
+    const char *msg = archive_error_string(x->a);
+    if (!msg)
+        msg = "unreadable archive";
+    if (x->st->entries == 0 && strstr(msg, "Unrecognized archive format"))
+        return fail(x, "format", 0, "not a tar archive (plain, gzip or zstd)");
+    /* Warnings too: libarchive warns when it ignores a pax header or mangles a name. */
+    return fail(x, "corrupt", 0, "%s%s", r == ARCHIVE_WARN ? "refused warning: " : "", msg);
+}
+
+/* Reads the rest of the range after the tar end: the digest covers the whole blob. */
+static int drain(struct xctx *x)
+{
+    for (;;) {
+        const void *p;
+        la_ssize_t n = blob_read(NULL, x, &p);
+        if (n == 0)
+            return 0;
+        if (n < 0)
+            return x->read_errno ? fail(x, "io", x->read_errno, "reading the blob")
+                                 : fail(x, "corrupt", 0, "the blob ends before its declared length");
+    }
+}
+
+static int setup_reader(struct xctx *x)
+{
+    x->a = archive_read_new();
+    if (!x->a)
+        return fail(x, "io", ENOMEM, "archive_read_new");
+    /* ARCHIVE_WARN here would mean "through an external program": refuse that. */
+    if (archive_read_support_format_tar(x->a) != ARCHIVE_OK ||
+        archive_read_support_filter_gzip(x->a) != ARCHIVE_OK ||
+        archive_read_support_filter_zstd(x->a) != ARCHIVE_OK)
+        return fail(x, "format", 0, "libarchive lacks built-in tar/gzip/zstd support");
+    if (archive_read_open2(x->a, x, NULL, blob_read, NULL, NULL) != ARCHIVE_OK)
+        return header_error(x, ARCHIVE_FATAL);
+    return 0;
+}
+
+static void hex(const unsigned char *d, size_t n, char *out)
+{
+    static const char digits[] = "0123456789abcdef";
+    for (size_t i = 0; i < n; i++) {
+        out[2 * i] = digits[d[i] >> 4];
+        out[2 * i + 1] = digits[d[i] & 15];
+    }
+    out[2 * n] = 0;
+}
+
+static int run(struct xctx *x, const char *expect)
+{
+    if (setup_reader(x) < 0)
+        return -1;
+    struct archive_entry *e;
+    for (;;) {
+        int r = archive_read_next_header(x->a, &e);
+        if (r == ARCHIVE_EOF)
+            break;
+        if (r != ARCHIVE_OK) {
+            x->cur = r == ARCHIVE_WARN ? archive_entry_pathname(e) : NULL;
+            return header_error(x, r);
+        }
+        if (do_entry(x, e) < 0 || report(x) < 0)
+            return -1;
+    }
+    x->cur = NULL;
+    fix_dir_times(x);
+    la_int64_t consumed = archive_filter_bytes(x->a, -1);
+    if (drain(x) < 0)
+        return -1;
+    if (consumed >= 0 && x->st->blob_bytes > (uint64_t)consumed)
+        x->st->trailing_bytes = x->st->blob_bytes - (uint64_t)consumed;
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned int mdlen = 0;
+    hasher_join(&x->h);
+    EVP_DigestFinal_ex(x->h.md, md, &mdlen);
+    hex(md, mdlen, x->st->blob_sha256);
+    if (expect && strcasecmp(expect, x->st->blob_sha256) != 0)
+        return fail(x, "digest", 0, "blob sha256 %s, expected %s", x->st->blob_sha256, expect);
+    if (x->progress && x->progress(x->progress_ctx, x->st) != 0)
+        return fail(x, "cancelled", 0, "stopped by the progress callback");
+    return 0;
+}
+
+int img_apply_layer(int root_fd, int src_fd, int64_t offset, int64_t length, const char *expect_sha256,
+                    const struct img_limits *limits, struct img_extract_stats *stats,
+                    struct img_extract_error *err, img_progress_fn progress, void *progress_ctx,
+                    uint64_t progress_entries, uint64_t progress_bytes)
+{
+    memset(stats, 0, sizeof(*stats));
+    memset(err, 0, sizeof(*err));
+    struct xctx x = {.root = -1, .cache_fd = -1, .src = src_fd, .st = stats, .err = err};
+    x.lim = *limits;
+    if (x.lim.max_path_len > PATH_LIMIT_CAP)
+        x.lim.max_path_len = PATH_LIMIT_CAP;
+    x.progress = progress;
+    x.progress_ctx = progress_ctx;
+    x.progress_entries = progress_entries ? progress_entries : 1;
+    x.progress_bytes = progress_bytes ? progress_bytes : 1;
+    x.next_progress_entries = x.progress_entries;
+    x.next_progress_bytes = x.progress_bytes;
+    x.is_root = geteuid() == 0;
+    if (offset < 0)
+        return fail(&x, "io", EINVAL, "negative offset");
+    x.pos = (uint64_t)offset;
+    x.to_eof = length < 0;
+    x.end = x.to_eof ? 0 : (uint64_t)offset + (uint64_t)length;
+
+    /* Names in pax headers are UTF-8: convert to UTF-8, whatever the caller's locale. */
+    locale_t loc = newlocale(LC_CTYPE_MASK, "C.UTF-8", (locale_t)0);
+    locale_t old = loc ? uselocale(loc) : (locale_t)0;
+
+    int rc = -1;
+    x.root = openat(root_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    int hashing = hasher_init(&x.h);
+    x.norm = malloc(x.lim.max_path_len + 2);
+    x.target = malloc(x.lim.max_path_len + 2);
+    x.cache_path = malloc(x.lim.max_path_len + 2);
+    if (x.root < 0)
+        fail(&x, "io", errno, "opening the root directory");
+    else if (hashing < 0 || !x.norm || !x.target || !x.cache_path)
+        fail(&x, "io", ENOMEM, "allocating buffers or initializing SHA-256");
+    else
+        rc = run(&x, expect_sha256);
+
+    if (x.a)
+        archive_read_free(x.a);
+    if (x.cache_fd >= 0)
+        close(x.cache_fd);
+    if (x.root >= 0)
+        close(x.root);
+    for (size_t i = 0; i < x.ndirs; i++)
+        free(x.dirs[i].path);
+    free(x.dirs);
+    free(x.rm.s);
+    pset_free(&x.layer);
+    hasher_free(&x.h);
+    free(x.norm);
+    free(x.target);
+    free(x.cache_path);
+    if (loc) {
+        uselocale(old);
+        freelocale(loc);
+    }
+    return rc;
+}
+
+int img_syncfs(int fd) { return syncfs(fd) < 0 ? errno : 0; }
