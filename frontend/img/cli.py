@@ -9,6 +9,15 @@ from img import __version__
 
 COMMANDS: dict[str, str] = {
     # "name": "module:click_command",
+    "process": "img.cli_process:process",
+    "list": "img.cli_list:list_images",
+    "images": "img.cli_list:images",
+    "runs": "img.cli_runs:runs",
+    "run": "img.cli_runs:run",
+    "resume": "img.cli_runs:resume",
+    "gc": "img.cli_gc:gc",
+    "daemon": "img.cli_daemon:daemon",
+    "status": "img.cli_status:status",
 }
 
 

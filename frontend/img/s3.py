@@ -43,7 +43,8 @@ if TYPE_CHECKING:
 
     from img.store import Store
 
-CHUNK = 1 << 20
+CHUNK = 1 << 20  # hashing / copying
+READ_CHUNK = 64 << 10  # network reads: small enough that a stalled stream has written what it received
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
 
@@ -345,7 +346,7 @@ def _fetch(client: S3Client, obj: ObjectInfo, part: Path, config: Config, expect
                 resp = client.get_object(**kw)
                 kms = kms or str(resp.get("ServerSideEncryption", "")).startswith("aws:kms")
                 body = resp["Body"]
-                for chunk in body.iter_chunks(CHUNK):
+                for chunk in body.iter_chunks(READ_CHUNK):
                     if have + len(chunk) > obj.size:
                         raise ObjectChanged(obj.bucket, obj.key, "more bytes than the listed size",
                                             "run the command again")
