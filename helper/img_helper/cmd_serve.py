@@ -94,7 +94,12 @@ def activated_socket() -> socket.socket | None:
 def default_service_factory(pool: str, state_dir: Path) -> Any:
     from img_helper.service import Service
 
-    return Service(pool=pool, state_dir=state_dir)
+    service = Service(pool=pool, state_dir=state_dir)
+    if not hasattr(service, "serializes_pool_changes"):
+        # img_helper.devices.Devices serializes its own pool changes (one lock) and steps on the same key,
+        # so the server need not: extractions of different layers then run in parallel.
+        service.serializes_pool_changes = True
+    return service
 
 
 def run_serve(socket_path: Path, pool: str, group: str, state_dir: Path,

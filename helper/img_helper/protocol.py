@@ -78,7 +78,7 @@ class PeerClosed(Exception):
 
 CHAIN_ID_RE = re.compile(r"sha256:[0-9a-f]{64}")
 SHA256_RE = re.compile(r"(sha256:)?[0-9a-f]{64}")
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,118}")  # a DM name suffix: fits DM_NAME_LEN
 
 
 class Field:

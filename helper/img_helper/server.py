@@ -99,15 +99,29 @@ def check_fd(fd: int, where: str) -> os.stat_result:
     return st
 
 
+def _json_ok(v: Any) -> bool:
+    try:
+        P.encode({"v": v})
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
 def error_of(exc: BaseException) -> dict[str, Any]:
-    """A Service exception as a wire error: its `code` attribute (if a string) and JSON-able fields."""
+    """A Service exception as a wire error: its `code` attribute (if a string), its `message`, and its
+    JSON-able fields (attributes, and a `details` dict if it has one) as error.details."""
     code = getattr(exc, "code", None)
     if not isinstance(code, str) or not code:
         return {"code": P.INTERNAL, "message": f"{type(exc).__name__}: {exc}"[:2000]}
-    err: dict[str, Any] = {"code": code, "message": str(exc)[:2000] or code}
-    details = {k: v for k, v in vars(exc).items()
-               if k not in ("code", "message") and not k.startswith("_")
-               and isinstance(v, str | int | float | bool | None)}
+    message = getattr(exc, "message", None)
+    message = message if isinstance(message, str) else str(exc)
+    err: dict[str, Any] = {"code": code, "message": message[:2000]}
+    fields = {k: v for k, v in vars(exc).items() if k not in ("code", "message", "details")
+              and not k.startswith("_")}
+    extra = getattr(exc, "details", None)
+    if isinstance(extra, dict):
+        fields.update({str(k): v for k, v in extra.items()})
+    details = {k: v for k, v in fields.items() if _json_ok(v)}
     if details:
         err["details"] = details
     return err
