@@ -248,3 +248,27 @@ def test_dead_owner_on_this_host_is_detected_by_pid_and_start_time() -> None:
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
     assert not owner_alive_here(p.pid, None)
+
+
+def test_auto_resume_adopts_orphans_without_an_explicit_resume(managers: Managers, db: Path) -> None:
+    m1 = managers()
+    mach1 = m1.register("auto", Msg, Out).start("a", lambda r: r.sleep(10) or Out()).end("done").build()
+    version = mach1.start("x", Msg())
+    until(lambda: m1.get_run(version).current_state == "a", what="state a")
+    m1.shutdown(timeout=5)
+    m2 = managers(auto_resume=True, lease_ttl=0.3)
+    mach2 = m2.register("auto", Msg, Out).start("a", lambda r: Out(total=9)).end("done").build()
+    assert mach2.wait(version, timeout=5) == Out(total=9)
+
+
+def test_dead_owners_are_forgotten(managers: Managers, db: Path) -> None:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    from img.fsm.owner import hostname
+
+    with fsm.FsmStore(db).tx() as c:
+        c.execute("INSERT INTO fsm_owners VALUES ('ghost', ?, ?, '1', 0)", (hostname(), p.pid))
+    m = managers()
+    m.resume()
+    owners = [r[0] for r in fsm.FsmStore(db).conn().execute("SELECT owner FROM fsm_owners")]
+    assert owners == [m.owner]

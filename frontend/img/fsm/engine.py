@@ -427,6 +427,16 @@ class Manager:
                 claimed.append(version)
                 self._logger(ctx).info("run resumed (previous owner %s)", owner)
                 self._schedule(ctx)
+        for owner, pid, pid_start in (
+            self.store.conn()
+            .execute(
+                "SELECT owner, pid, pid_start FROM fsm_owners WHERE host = ? AND owner != ?",
+                (me_host, self.owner),
+            )
+            .fetchall()
+        ):
+            if not owner_alive_here(pid, pid_start):  # crashed processes that owned nothing: forget them
+                dead_owners.add(owner)
         if dead_owners:
             with self.store.tx() as c:
                 c.executemany("DELETE FROM fsm_owners WHERE owner = ?", [(o,) for o in dead_owners])
