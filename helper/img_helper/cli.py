@@ -9,6 +9,7 @@ from img_helper.lazycli import LazyGroup
 
 COMMANDS: dict[str, str] = {
     # "name": "module:click_command",
+    "extract": "img_helper.cmd_extract:extract",
     "serve": "img_helper.cmd_serve:serve",
 }
 
