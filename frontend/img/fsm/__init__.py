@@ -70,7 +70,7 @@ Steps raise
     Abort(err) -> stop now (kind "abort");  Unrecoverable(err, kind="user"|"system") -> stop now.
     Cancelled (from req.check_cancelled) -> the run is being cancelled or shut down; let it propagate.
 Manager(db, *, workers=64, lease_ttl=15.0, queues={name: limit}, retry=RetryPolicy(), poll_interval=0.1,
-        auto_resume=False, owner=None)        db = path or a connection factory (one connection per thread)
+        auto_resume=False, owner=None)   db = path, connection factory (called once per thread) or FsmStore
     .register(...) -> Builder whose build() returns a Machine;  .add(fsm) -> Machine
     .start(fsm | machine, run_id, msg, *, delay=None, run_at=None (epoch or datetime),
            run_after=None (version), queue=None, parent=None (version), max_attempts=None, backoff=None)

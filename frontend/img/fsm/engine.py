@@ -149,7 +149,7 @@ class Machine(Generic[R, W]):
 class Manager:
     """Executes FSM runs. See the package docstring for the API and an example.
 
-    db: path of the SQLite file (shared with img's store) or a connection factory.
+    db: path of the SQLite file (shared with img's store), a connection factory, or an FsmStore.
     workers: max runs executing at once in this process (each on its own thread).
     lease_ttl: seconds a run's lease lasts without renewal; renewed every min(1 s, ttl/3).
     queues: {name: max runs executing at once, across all processes}.
@@ -159,7 +159,7 @@ class Manager:
 
     def __init__(
         self,
-        db: str | Path | ConnectionFactory,
+        db: str | Path | ConnectionFactory | FsmStore,
         *,
         workers: int = 64,
         lease_ttl: float = 15.0,
