@@ -247,10 +247,9 @@ def _wait(req: fsm.Request[Any, Any], version: str) -> Any:
 
 def _start_child(req: fsm.Request[Any, Any], machine: fsm.FSM[Any, Any], run_id: str, msg: Any,
                  queue: str | None = None) -> str:
-    try:
-        return _manager().start(machine, run_id, msg, parent=req.run.version, queue=queue)
-    except fsm.AlreadyRunning as e:
-        return e.version  # the same blob/layer for another image, or a dead run being resumed
+    # an active run with this id is joined (the same blob/layer for another image), and taken over if
+    # its owner died
+    return _manager().start_or_attach(machine, run_id, msg, parent=req.run.version, queue=queue)
 
 
 def _child_result(req: fsm.Request[Any, Any], version: str) -> Any:
@@ -556,12 +555,12 @@ class Runner:
                 self.manager.resume()  # the run's owner may have died: take it over
 
     def start_image(self, ref: ImageRef, name: str) -> tuple[str, bool]:
-        """(version, started_here): a run already active for this image+name is joined, not duplicated."""
-        self.manager.resume()
+        """(version, started_here): a run already active for this image+name is joined, not duplicated
+        (and continued here if the process that ran it died)."""
         try:
             return self.manager.start(IMAGE, image_run_id(ref, name), image_req(ref, name)), True
-        except fsm.AlreadyRunning as e:
-            return e.version, False
+        except fsm.AlreadyRunning:
+            return self.manager.start_or_attach(IMAGE, image_run_id(ref, name), image_req(ref, name)), False
 
     def process(self, ref: ImageRef, name: str) -> ImageResp:
         version, started = self.start_image(ref, name)
