@@ -9,6 +9,7 @@ from img import __version__
 
 COMMANDS: dict[str, str] = {
     # "name": "module:click_command",
+    "bench": "img.bench:bench",
     "process": "img.cli_process:process",
     "list": "img.cli_list:list_images",
     "images": "img.cli_list:images",
