@@ -653,3 +653,26 @@ def test_engine_error_is_retried_then_the_run_is_handed_over(
     assert m2.resume() == [v]
     until(lambda: m2.get_run(v).owner is None, what="run handed over after engine errors")
     assert m2.get_run(v).active and kinds(m2, v) == ["START", "COMPLETE"]
+
+
+def test_per_day_history_and_purge_of_archived_runs(managers: Managers, db: Path) -> None:
+    m = managers()
+    ok = m.register("hist", Msg, Out).start("a", lambda r: Out()).end("done").build()
+    bad = (
+        m.register("hist-bad", Msg, Out)
+        .start("a", lambda r: (_ for _ in ()).throw(fsm.Abort("x")))
+        .end("done")
+        .build()
+    )
+    parent = ok.start("p", Msg())
+    ok.wait(parent, timeout=5)
+    child = ok.start("c", Msg(), parent=parent)
+    ok.wait(child, timeout=5)
+    with pytest.raises(fsm.RunFailed):
+        bad.wait(bad.start("b", Msg()), timeout=5)
+    pending = ok.start("later", Msg(), delay=60)
+    store = fsm.FsmStore(db)
+    [(day, counts)] = store.days()
+    assert day == m.get_run(parent).day and counts == {"succeeded": 2, "failed": 1, "pending": 1}
+    assert store.purge(time.time() + 1) == 3
+    assert [r.version for r in m.runs()] == [pending] and m.history(parent) == [] and m.children(parent) == []

@@ -88,7 +88,8 @@ Manager(db, *, workers=64, lease_ttl=15.0, queues={name: limit}, retry=RetryPoli
     .shutdown(timeout=10.0)  (also the context manager's exit)
     Admin: .list_fsms() -> [dict], .list_active(action=None) -> [RunRecord], .get_run(version) -> RunRecord,
            .history(version) -> [Event], .runs(day=, run_id=, action=, status=, limit=) -> [RunRecord],
-           .children(parent) -> [version].  The same reads without threads: FsmStore(db).get_run(...) etc.
+           .children(parent) -> [version].  The same reads without threads: FsmStore(db).get_run(...) etc.;
+           FsmStore.days() -> [(day, {status: n})] (per-day history), FsmStore.purge(finished_before) -> n.
 Machine(manager, fsm): .start(run_id, msg, **options), .start_or_attach(run_id, msg, **options), .resume(),
     .wait(version), .wait_by_id(run_id), .cancel(version), .fsm
 RunRecord: version, run_id, type_name, action, parent, queue, status ("pending" | "running" | "succeeded" |

@@ -383,6 +383,35 @@ class FsmStore:
             )
         ]
 
+    def days(self, limit: int = 30) -> list[tuple[str, dict[str, int]]]:
+        """Per-day history: [(UTC day, {status: count})], newest day first."""
+        out: dict[str, dict[str, int]] = {}
+        for day, status, n in self.conn().execute(
+            "SELECT day, status, count(*) FROM fsm_runs WHERE day IN"
+            " (SELECT DISTINCT day FROM fsm_runs ORDER BY day DESC LIMIT ?) GROUP BY day, status",
+            (limit,),
+        ):
+            out.setdefault(day, {})[status] = n
+        return sorted(out.items(), reverse=True)
+
+    def purge(self, finished_before: float) -> int:
+        """Delete archived (finished) runs that finished before the given time, with their events and child
+        links. Active runs are never touched. Returns the number of runs deleted."""
+        with self.tx() as c:
+            versions = [
+                r[0]
+                for r in c.execute(
+                    "SELECT version FROM fsm_runs WHERE finished_at < ?"
+                    " AND version NOT IN (SELECT version FROM fsm_active)",
+                    (finished_before,),
+                )
+            ]
+            for v in versions:
+                c.execute("DELETE FROM fsm_events WHERE version = ?", (v,))
+                c.execute("DELETE FROM fsm_children WHERE parent = ? OR child = ?", (v, v))
+                c.execute("DELETE FROM fsm_runs WHERE version = ?", (v,))
+        return len(versions)
+
     def latest_version(
         self, run_id: str, action: str | None = None, type_name: str | None = None
     ) -> str | None:
