@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import click
-from img_helper.lazycli import LazyGroup
 
 from img import __version__
+from img_helper.lazycli import LazyGroup
 
 COMMANDS: dict[str, str] = {
     # "name": "module:click_command",

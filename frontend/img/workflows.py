@@ -35,8 +35,9 @@ from img.refs import ArchiveRef, FamilyRef, ImageRef
 from img.store import ImageLayer, Store
 
 if TYPE_CHECKING:
-    from img_helper.client import HelperClient
     from mypy_boto3_s3 import S3Client
+
+    from img_helper.client import HelperClient
 
 # Failure codes carried in run errors (they cross processes as text) and the CLI's exit status for each.
 EXIT_CODES: dict[str, int] = {

@@ -16,11 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from img.config import Config, load
 from img.fastpath import _canonical, _home
 from img.refs import parse
 from img.workflows import chain_ids
-
 from tests.fixtures.s3 import Fault, FaultProxy, S3Server
 from tests.host.test_server_standin import HelperProc
 

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from img_helper.extract import ExtractError, LayerStats, Limits
 
+from img_helper.extract import ExtractError, LayerStats, Limits
 from tests.host.hostile import tarbuild as t
 from tests.host.hostile.sandbox import Sandbox
 

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from img_helper.extract import LayerSource, LayerStats, apply_layer, syncfs
 
+from img_helper.extract import LayerSource, LayerStats, apply_layer, syncfs
 from tests.host.hostile import tarbuild as t
 from tests.host.hostile.sandbox import Sandbox, snapshot
 

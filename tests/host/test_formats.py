@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from img_helper.formats import (
     ArchiveLimits,
     FormatError,
@@ -21,7 +22,6 @@ from img_helper.formats import (
     sniff_blob,
     walk_tar,
 )
-
 from tests.host import formats_build as fb
 
 DEFAULT_LIMITS = ArchiveLimits()

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from img import fsm
 
+from img import fsm
 from tests.host import test_fsm_support as support
 from tests.host.test_fsm_support import Msg, Out, kinds, until
 

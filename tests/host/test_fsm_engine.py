@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from img import fsm
 from img.fsm import codec, ulid
-
 from tests.host import test_fsm_support as support
 from tests.host.test_fsm_support import FAST, Msg, Out, kinds, until
 

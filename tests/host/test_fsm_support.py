@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from img import fsm
 
 FAST = fsm.RetryPolicy(max_attempts=4, backoff=fsm.Backoff(initial=0.005, maximum=0.02, factor=1.5, jitter=0))

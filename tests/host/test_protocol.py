@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
 from img_helper import protocol as P
 
 CHAIN = "sha256:" + "ab" * 32

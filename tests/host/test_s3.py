@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
+
 from img.config import Config
 from img.refs import FamilyRef
 from img.s3 import (
@@ -25,7 +26,6 @@ from img.s3 import (
     make_client,
 )
 from img.store import Store
-
 from tests.fixtures.s3 import Fault, FaultProxy, S3Server
 
 pytest_plugins = ["tests.fixtures.s3"]

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from img_helper import protocol as P
 from img_helper.client import (
     BadFd,
@@ -34,7 +35,6 @@ from img_helper.client import (
     PolkitUnavailable,
     ServiceError,
 )
-
 from tests.host.test_server_standin import HelperProc
 
 NOBODY = 65534

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from img_helper import auth
 from img_helper.auth import AuthError, PeerIdentity, PolkitAuthorizer, clock_ticks_now, proc_start_time
 from img_helper.sdnotify import listen_fds, notify

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from img_helper import protocol as P
 from img_helper.cmd_serve import DEFAULT_GROUP, DEFAULT_POOL, DEFAULT_STATE_DIR
 

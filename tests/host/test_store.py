@@ -7,6 +7,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+
 from img.store import MIGRATIONS, ImageLayer, Store, StoreError, peek_activation
 
 H = "a" * 64

@@ -9,8 +9,8 @@ import subprocess
 import time
 
 import pytest
-from img_helper import dm
 
+from img_helper import dm
 from tests.fixtures.dmpool import ThinPool, dm_names
 
 pytestmark = pytest.mark.kernel
