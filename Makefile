@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest -p no:cacheprovider --color=no
 export PY_COLORS := 0
 
-.PHONY: test install lint test-host test-kernel fixtures demo bench clean
+.PHONY: test install lint test-host test-kernel fixtures demo bench clean fuzz
 
 REPORTS := build/test-reports
 
@@ -15,6 +15,7 @@ test: install lint
 	@mkdir -p $(REPORTS); rm -f $(REPORTS)/*.xml; rc=0; \
 	$(MAKE) --no-print-directory test-host || rc=1; \
 	$(MAKE) --no-print-directory test-kernel || rc=1; \
+	$(MAKE) --no-print-directory fuzz || rc=1; \
 	$(PY) scripts/test-summary.py host=$(REPORTS)/host.xml kernel=$(REPORTS)/kernel.xml || rc=1; \
 	exit $$rc
 
@@ -33,6 +34,10 @@ test-host: install
 
 test-kernel: install fixtures
 	tests/vm/run $(PYTEST) -m kernel --junitxml=$(REPORTS)/kernel.xml tests
+
+# A short atheris run over the layer extractor (seeds: the hostile corpus).
+fuzz: install
+	$(PY) tests/fuzz/fuzz_extract.py -max_total_time=40 -print_final_stats=1
 
 demo: install
 	scripts/demo.sh
