@@ -539,12 +539,18 @@ def test_codec_round_trips_nested_dataclasses() -> None:
         codec.encode(object())
 
 
-def test_unencodable_response_is_unrecoverable(managers: Managers) -> None:
+@dataclass
+class Strict:
+    must: int
+
+
+@pytest.mark.parametrize("resp", [object(), {"nope": 1}], ids=["unencodable", "missing-field"])
+def test_invalid_response_is_unrecoverable(managers: Managers, resp: object) -> None:
     m = managers()
-    mach = m.register("badresp", Msg, Out).start("a", lambda r: object()).end("done").build()  # type: ignore[arg-type,return-value]
+    mach = m.register("badresp", Msg, Strict).start("a", lambda r: resp).end("done").build()  # type: ignore[arg-type,return-value]
     with pytest.raises(fsm.RunFailed) as ei:
         mach.wait(mach.start("r", Msg()), timeout=5)
-    assert ei.value.kind == "system"
+    assert ei.value.kind == "system" and "not a valid Strict" in ei.value.error
 
 
 def test_builder_rejects_bad_definitions() -> None:

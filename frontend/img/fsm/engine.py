@@ -87,6 +87,10 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+def _type_label(fsm: FSM[Any, Any]) -> str:
+    return str(getattr(fsm.resp_type, "__name__", fsm.resp_type))
+
+
 def _as_epoch(t: float | datetime | None) -> float | None:
     if t is None:
         return None
@@ -310,6 +314,7 @@ class Manager:
             at = now + delay
         version = ulid.new(now)
         msg_text = codec.encode(msg)
+        msg_decoded = codec.decode(fsm.req_type, msg_text)  # steps see what a resumed run would see
         options = {
             "max_attempts": retry.max_attempts,
             "backoff": retry.backoff.to_dict(),
@@ -363,7 +368,7 @@ class Manager:
             fsm=fsm,
             version=version,
             run_id=run_id,
-            msg=codec.decode(fsm.req_type, msg_text),
+            msg=msg_decoded,
             options=options,
             retry=retry,
             is_restart=False,
@@ -456,16 +461,26 @@ class Manager:
                 "SELECT run_id, msg, options FROM fsm_runs WHERE version = ?", (version,)
             ).fetchone()
         run_id, msg_text, options_text = row
-        options = codec.decode(dict, options_text)
-        retry = RetryPolicy(
-            int(options.get("max_attempts") or self.retry.max_attempts),
-            Backoff.from_dict(options.get("backoff") or {}),
-        )
+        try:
+            options = codec.decode(dict, options_text)
+            retry = RetryPolicy(
+                int(options.get("max_attempts") or self.retry.max_attempts),
+                Backoff.from_dict(options.get("backoff") or {}),
+            )
+            msg = codec.decode(fsm.req_type, msg_text)
+        except Exception:  # e.g. the request type changed incompatibly: leave the run to someone else
+            log.exception("fsm: cannot load run %s (%s %s); not resuming it", version, fsm.action, run_id)
+            with self.store.tx() as c:
+                c.execute(
+                    "UPDATE fsm_active SET owner = NULL, lease_expires = 0 WHERE version = ? AND owner = ?",
+                    (version, self.owner),
+                )
+            return None
         return _RunCtx(
             fsm=fsm,
             version=version,
             run_id=run_id,
-            msg=codec.decode(fsm.req_type, msg_text),
+            msg=msg,
             options=options,
             retry=retry,
             is_restart=True,
@@ -888,10 +903,13 @@ class Manager:
             t0 = time.monotonic()
             try:
                 resp = step.fn(req)
-                try:
+                try:  # what the next step (or a resumed run) will see: fail now if it can't round-trip
                     text = codec.encode(resp)
-                except codec.CodecError as e:
-                    raise Unrecoverable(e, "system") from e
+                    decoded = codec.decode(fsm.resp_type, text)
+                except Exception as e:
+                    raise Unrecoverable(
+                        f"response of {step.name} is not a valid {_type_label(fsm)}: {e}"
+                    ) from e
             except (Abort, Unrecoverable) as e:
                 kind = "abort" if isinstance(e, Abort) else e.kind
                 self._transition_metric(ctx, step.name, kind, time.monotonic() - t0)
@@ -923,7 +941,7 @@ class Manager:
                 )
             ctx.retry_count, ctx.last_error, ctx.is_restart = 0, None, False
             self._logger(ctx, step.name).debug("step complete in %.3fs", dt)
-            return codec.decode(fsm.resp_type, text), text
+            return decoded, text
 
     def _retry_or_stop(
         self, ctx: _RunCtx, state: str, e: Exception, dt: float, sleeper: threading.Event
