@@ -4,6 +4,7 @@ is the real server with the stand-in Service (the kernel tier repeats this with 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -156,7 +157,13 @@ os._exit(0)
 
 @pytest.fixture
 def bus_without_polkit() -> Iterator[str]:
-    """A real D-Bus daemon on which no polkit runs (and none can be activated)."""
+    with private_bus_without_polkit() as address:
+        yield address
+
+
+@contextlib.contextmanager
+def private_bus_without_polkit() -> Iterator[str]:
+    """A real D-Bus daemon on which no polkit runs (and none can be activated): its address."""
     d = Path(tempfile.mkdtemp(prefix="img-bus-", dir="/tmp"))
     d.chmod(0o755)
     sock = d / "bus"
