@@ -13,7 +13,7 @@ from tests.fixtures.dmpool import ThinPool, create_pool, destroy_pool, dm_names,
 
 REPO = Path(__file__).resolve().parent.parent
 
-pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.polkit"]
+pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.polkit", "tests.fixtures.images"]
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
