@@ -307,7 +307,8 @@ class Server:
         except AuthError as e:
             self._refuse(sock, e.code, e.message)
             return
-        except OSError as e:
+        except Exception as e:  # never let one odd peer take the accept loop down
+            log.warning("cannot identify a peer: %s: %s", type(e).__name__, e)
             self._refuse(sock, P.INTERNAL, f"cannot identify the peer: {e}")
             return
         with self._mu:

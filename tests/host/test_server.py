@@ -9,6 +9,7 @@ import array
 import grp
 import json
 import os
+import shutil
 import socket
 import stat
 import struct
@@ -561,6 +562,29 @@ def test_socket_activation(workdir: Path) -> None:
     finally:
         assert h.stop() == 0
     assert path.exists()  # the activated socket belongs to systemd: not unlinked
+
+
+def test_socket_activation_by_systemd_socket_activate(workdir: Path) -> None:
+    """systemd's own implementation of the protocol: it listens, and execs the helper on the first
+    connection with LISTEN_FDS/LISTEN_PID set."""
+    tool = shutil.which("systemd-socket-activate")
+    if tool is None:
+        pytest.skip("systemd-socket-activate not installed")
+    path = workdir / "activated.sock"
+    h = HelperProc(workdir, socket_path=workdir / "unused" / "x.sock")
+    h.cmd = [tool, "-l", str(path), "-E", "NOTIFY_SOCKET", *h.cmd]  # it drops NOTIFY_SOCKET otherwise
+    h.start(expect_ready=False)
+    try:
+        deadline = time.monotonic() + 30
+        while not path.exists():
+            assert time.monotonic() < deadline and h.proc is not None and h.proc.poll() is None, h.output()
+            time.sleep(0.05)
+        assert HelperClient(path, timeout=30).call("status", {})["pid"] == h.pid  # started on demand
+        h._read_note(5)
+        assert any(n.startswith("READY=1") for n in h.notes)
+        assert not (workdir / "unused").exists()
+    finally:
+        assert h.stop() == 0, h.output()
 
 
 def test_notify_reports_ready_and_stopping(workdir: Path) -> None:
