@@ -56,13 +56,13 @@ WORKER = textwrap.dedent(
     versions = []
     for rid in run_ids:
         try:
-            v = mach.start(rid, Msg(n=10), queue="q" if mode == "queue" else None)
+            v = mach.start(rid, Msg(n=10), queue="q" if mode in ("queue", "hold-queue") else None)
             print("STARTED", v, flush=True)
         except fsm.AlreadyRunning as e:
             v = e.version
             print("ALREADY", v, flush=True)
         versions.append(v)
-    if mode == "hold":
+    if mode.startswith("hold"):
         time.sleep(3600)
     if mode == "resume":
         t0 = time.monotonic()
@@ -264,11 +264,52 @@ def test_auto_resume_adopts_orphans_without_an_explicit_resume(managers: Manager
 def test_dead_owners_are_forgotten(managers: Managers, db: Path) -> None:
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
-    from img.fsm.owner import hostname
+    from img.fsm.owner import host_identity
 
     with fsm.FsmStore(db).tx() as c:
-        c.execute("INSERT INTO fsm_owners VALUES ('ghost', ?, ?, '1', 0)", (hostname(), p.pid))
+        c.execute("INSERT INTO fsm_owners VALUES ('ghost', ?, ?, '1', 0)", (host_identity(), p.pid))
     m = managers()
     m.resume()
     owners = [r[0] for r in fsm.FsmStore(db).conn().execute("SELECT owner FROM fsm_owners")]
     assert owners == [m.owner]
+
+
+def test_queue_slot_of_a_killed_process_is_freed_without_waiting_for_its_lease(
+    tmp_path: Path, worker: Callable[..., subprocess.Popen[str]], managers: Managers
+) -> None:
+    (tmp_path / "flags" / "block").touch()
+    victim = worker("hold-queue", "hog", lease=60)
+    _line(victim)
+    until(lambda: any(x.startswith("s2 hog") for x in _log(tmp_path)), timeout=10, what="hog in s2")
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    m = managers(lease_ttl=0.6, queues={"q": 1})  # registers only another FSM: it can't resume "xp" runs
+    mach = m.register("other", Msg, Out).start("a", lambda r: Out(total=3)).end("done").build()
+    t0 = time.monotonic()
+    assert mach.wait(mach.start("next", Msg(), queue="q"), timeout=10) == Out(total=3)
+    assert time.monotonic() - t0 < 5  # not the victim's 60 s lease
+    [hog] = [r for r in m.list_active() if r.run_id == "hog"]
+    assert hog.owner is None and not hog.executing  # released, waiting for a manager that knows "xp"
+
+
+def test_owner_in_another_kernel_or_pid_namespace_is_judged_by_its_lease(
+    managers: Managers, db: Path
+) -> None:
+    from img.fsm.owner import hostname
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()  # a pid that is dead HERE, but may be alive in the other kernel
+    m1 = managers()
+    mach = m1.register("guest", Msg, Out).start("a", lambda r: Out()).end("done").build()
+    version = mach.start("x", Msg(), delay=60)
+    m1.shutdown()
+    with fsm.FsmStore(db).tx() as c:
+        c.execute(
+            "INSERT INTO fsm_owners VALUES ('guest-owner', ?, ?, NULL, ?)",
+            (f"{hostname()}/otherboot/1", p.pid, time.time()),
+        )
+        c.execute("UPDATE fsm_active SET owner = 'guest-owner', lease_expires = ?", (time.time() + 60,))
+    m2 = managers()
+    m2.register("guest", Msg, Out).start("a", lambda r: Out()).end("done").build()
+    assert m2.reap_dead_owners() == [] and m2.resume() == []
+    assert m2.get_run(version).owner == "guest-owner"

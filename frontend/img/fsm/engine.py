@@ -27,7 +27,7 @@ from .errors import (
     Unrecoverable,
     WaitTimeout,
 )
-from .owner import hostname, new_owner_id, owner_alive_here, pid_start_time
+from .owner import host_identity, new_owner_id, owner_alive_here, pid_start_time
 from .retry import Backoff, RetryPolicy
 from .store import ConnectionFactory, Event, FsmStore, RunRecord, utc_day
 
@@ -195,7 +195,7 @@ class Manager:
             c.execute(
                 "INSERT OR REPLACE INTO fsm_owners (owner, host, pid, pid_start, heartbeat)"
                 " VALUES (?,?,?,?,?)",
-                (self.owner, hostname(), _pid(), pid_start_time(_pid()), now),
+                (self.owner, host_identity(), _pid(), pid_start_time(_pid()), now),
             )
             for name, limit in self.queues.items():
                 c.execute(
@@ -404,48 +404,53 @@ class Manager:
         with self._lock:
             wanted = {f.key: f for f in (fsms or list(self._fsms.values()))}
             mine = set(self._pending) | set(self._running)
-        me_host = hostname()
+        self.reap_dead_owners()
         now = time.time()
         rows = (
             self.store.conn()
             .execute(
-                "SELECT a.version, a.type_name, a.action, a.owner, a.lease_expires,"
-                " o.host, o.pid, o.pid_start"
-                " FROM fsm_active a LEFT JOIN fsm_owners o ON o.owner = a.owner ORDER BY a.version"
+                "SELECT version, type_name, action, owner, lease_expires FROM fsm_active ORDER BY version"
             )
             .fetchall()
         )
         claimed: list[str] = []
-        dead_owners: set[str] = set()
-        for version, type_name, action, owner, lease, host, pid, pid_start in rows:
+        for version, type_name, action, owner, lease in rows:
             fsm = wanted.get((type_name, action))
             if fsm is None or version in mine or owner == self.owner:
                 continue
-            orphan = owner is None or lease <= now
-            if not orphan and host == me_host and pid is not None and not owner_alive_here(pid, pid_start):
-                orphan = True
-                dead_owners.add(owner)
-            if not orphan:
-                continue
+            if owner is not None and lease > now:
+                continue  # a live owner holds it
             ctx = self._claim(fsm, version, owner, lease)
             if ctx is not None:
                 claimed.append(version)
                 self._logger(ctx).info("run resumed (previous owner %s)", owner)
                 self._schedule(ctx)
-        for owner, pid, pid_start in (
+        return claimed
+
+    def reap_dead_owners(self) -> list[str]:
+        """Owners on this machine (same host, boot and pid namespace) whose process is gone: release their
+        runs (no owner, not executing: claimable by any resume(), no longer holding queue slots) and forget
+        them. Called by resume() and by the heartbeat. Returns the dead owners."""
+        rows = (
             self.store.conn()
             .execute(
                 "SELECT owner, pid, pid_start FROM fsm_owners WHERE host = ? AND owner != ?",
-                (me_host, self.owner),
+                (host_identity(), self.owner),
             )
             .fetchall()
-        ):
-            if not owner_alive_here(pid, pid_start):  # crashed processes that owned nothing: forget them
-                dead_owners.add(owner)
-        if dead_owners:
+        )
+        dead = [owner for owner, pid, pid_start in rows if not owner_alive_here(pid, pid_start)]
+        if dead:
             with self.store.tx() as c:
-                c.executemany("DELETE FROM fsm_owners WHERE owner = ?", [(o,) for o in dead_owners])
-        return claimed
+                for owner in dead:
+                    c.execute(
+                        "UPDATE fsm_active SET owner = NULL, lease_expires = 0, executing = 0"
+                        " WHERE owner = ?",
+                        (owner,),
+                    )
+                    c.execute("DELETE FROM fsm_owners WHERE owner = ?", (owner,))
+            log.info("fsm: released the runs of dead owners %s", ", ".join(dead))
+        return dead
 
     def _claim(self, fsm: FSM[Any, Any], version: str, owner: str | None, lease: float) -> _RunCtx | None:
         now = time.time()
@@ -753,8 +758,12 @@ class Manager:
                     with self._lock:
                         ctx.next_check = 0.0
                         self._sched_cv.notify_all()
-        if self.auto_resume and not self._stopping.is_set():
+        if self._stopping.is_set():
+            return
+        if self.auto_resume:
             self.resume()
+        else:
+            self.reap_dead_owners()
 
     # --- execution ------------------------------------------------------------------------------------------
 

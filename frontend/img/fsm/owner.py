@@ -1,13 +1,36 @@
-"""Who owns a run: an owner id per Manager (host:pid:random) and a liveness check for owners on this host
-(/proc/<pid> exists and its start time is the recorded one, so a recycled pid doesn't look alive)."""
+"""Who owns a run: an owner id per Manager (host:pid:random) and a liveness check for owners on this machine
+(/proc/<pid> exists and its start time is the recorded one, so a recycled pid doesn't look alive).
+
+"This machine" is the host name plus the boot id plus the pid namespace: a process in another kernel (the
+user-mode-linux guest sharing the host's files) or in another pid namespace (a container) has pids that mean
+nothing here, so its liveness is judged by its lease alone."""
 
 from __future__ import annotations
 
 import os
 
+_HOST: str | None = None
+
 
 def hostname() -> str:
     return os.uname().nodename
+
+
+def host_identity() -> str:
+    """Where pids are comparable: host name / boot id / pid namespace inode."""
+    global _HOST
+    if _HOST is None:
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                boot = f.read().strip()[:8]
+        except OSError:
+            boot = "?"
+        try:
+            pidns = str(os.stat("/proc/self/ns/pid").st_ino)
+        except OSError:
+            pidns = "?"
+        _HOST = f"{hostname()}/{boot}/{pidns}"
+    return _HOST
 
 
 def pid_start_time(pid: int) -> str | None:
