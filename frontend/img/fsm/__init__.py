@@ -80,7 +80,8 @@ Manager(db, *, workers=64, lease_ttl=15.0, queues={name: limit}, retry=RetryPoli
            return the active run's version after claiming it if its owner is dead (deterministic run ids:
            two processes asking for the same work wait on one run).
     .resume(fsms=None) -> [versions] claimed: active runs of registered FSMs (type AND action) with no
-           live owner.
+           live owner.  .reap_dead_owners() -> [owner ids] (resume() and the heartbeat call it).
+    .owner (this manager's owner id), .store (FsmStore)
     .wait(version, timeout=None) -> response | raises RunFailed(.kind, .state, .error) / RunCancelled /
            WaitTimeout / RunNotFound.  Works for runs executed by other processes (polls SQLite).
     .wait_by_id(run_id, *, action=None, type_name=None, timeout=None);  .wait_children(parent, timeout=None)
@@ -106,8 +107,11 @@ Semantics
 ---------
 * Run identity is (type_name, run_id, action); only one can be active at a time, across processes.
 * Cross-process: each run has one owner (a lease row in fsm_active, renewed by a heartbeat thread); writes
-  check ownership in the same transaction. `resume()` takes runs whose lease expired, that have no owner
-  (released by shutdown), or whose owner process on this host is gone (pid + start time).
+  check ownership in the same transaction (a manager that lost its lease stops the run: req.cancelled is
+  set, nothing more is written). `resume()` takes runs whose lease expired or that have no owner. Owners on
+  this machine (same host name, boot id and pid namespace) whose process is gone (pid + start time) are
+  reaped at once by every manager's heartbeat and resume(): their runs become ownerless (`reap_dead_owners`).
+  Owners elsewhere (another host, the user-mode-linux guest, a container) are judged by their lease only.
 * Queue limits are stored in SQLite (fsm_queues) and enforced across processes (runs marked executing).
 * Cancel writes CANCEL; the run stops before its next step (or when the current step raises), finalizers run,
   FINISH records kind "cancel". Shutdown writes nothing.
@@ -117,8 +121,14 @@ Semantics
 * A step that returns normally during shutdown still gets its COMPLETE written (its work is done); to stop
   early, raise (req.check_cancelled() / req.sleep()). Never return a partial response.
 * Message/response dataclasses must be importable at module level (their type hints are resolved to decode).
-* Leases use wall-clock time: processes on several hosts need synchronized clocks. A dead owner on another
-  host holds its queue slots until its lease expires (lease_ttl).
+* Leases use wall-clock time: processes on several hosts need synchronized clocks. A dead owner elsewhere
+  holds its queue slots until its lease expires (lease_ttl).
+* Events of a run: START, then per step COMPLETE (response) — or ERROR (when the error message changes,
+  with the retry count) and retries; CANCEL when cancel() is called; finalizers' COMPLETE; FINISH (with
+  the error and its kind if the run failed or was cancelled; the response if it succeeded). A finalizer
+  that fails for good adds ERROR (kind "finalizer") but doesn't change the outcome.
+* SQLite: WAL, synchronous=NORMAL (a committed step survives kill -9; a power cut may lose the last ones,
+  which then run again), busy_timeout 10 s, short BEGIN IMMEDIATE transactions, one connection per thread.
 * SQLite tables are all prefixed fsm_ (migrations in fsm_schema_version); see img.fsm.store.
 """
 
