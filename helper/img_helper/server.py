@@ -43,6 +43,7 @@ log = logging.getLogger("img_helper.server")
 class ServerLimits:
     max_connections: int = 64
     max_connections_per_uid: int = 16  # non-root uids; root is bounded by max_connections only
+    max_workers: int = 128  # running Service calls, including ones whose client timed out
     idle_timeout: float = 60.0  # no request started on a connection for this long: close it
     frame_timeout: float = 10.0  # a started frame must be complete within this
     send_timeout: float = 30.0  # a client that doesn't read its replies for this long is dropped
@@ -183,6 +184,8 @@ class Connection:
                 check_fd(fd, f"fds[{i}]")
             if self.server.stopping.is_set():
                 raise P.ProtocolError(P.SHUTTING_DOWN, "the helper is shutting down; retry")
+            if self.server.worker_count() >= self.server.limits.max_workers:
+                raise P.ProtocolError(P.BUSY, "too many requests in progress; retry later")
             deadline = time.monotonic() + self.server.limits.timeout_for(req.verb)
             self.server.authorizer.authorize(self.peer, req.verb, req.allow_interaction)
         except P.ProtocolError as e:
@@ -346,6 +349,10 @@ class Server:
                 self._per_uid.pop(conn.peer.uid, None)
 
     # ---- workers ----
+    def worker_count(self) -> int:
+        with self._mu:
+            return len(self._workers)
+
     def start_worker(self, req: P.Request, deadline: float, events: queue.Queue[tuple[str, Any]]) -> None:
         t = threading.Thread(target=self._work, args=(req, deadline, events), name=f"{req.verb}-{req.id}",
                              daemon=True)

@@ -434,6 +434,26 @@ def test_verb_time_limit(workdir: Path) -> None:
         assert h.stop() == 0
 
 
+def test_timed_out_steps_piling_up_are_capped(workdir: Path) -> None:
+    """A client can't pile up background work by letting requests time out: past max_workers, busy."""
+    h = start(workdir, limits={"verb_timeouts": {"activate": 0.3}, "max_workers": 1})
+    try:
+        with pytest.raises(HelperTimeout):
+            client(h).call("activate", {"chain_id": CHAIN, "name": "sleep-15"})  # runs on for 1.5 s
+        with pytest.raises(HelperBusy):
+            client(h).call("activate", {"chain_id": CHAIN, "name": "sleep-15"})
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                still_serving(h)
+                break
+            except HelperBusy:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+    finally:
+        assert h.stop() == 0
+
+
 def test_pool_changes_serialized_reads_not_blocked(workdir: Path) -> None:
     h = start(workdir)
     results: list[float] = []
