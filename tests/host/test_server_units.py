@@ -67,7 +67,7 @@ def test_service_is_notify_type_and_hardened() -> None:
     for k, v in expect.items():
         assert s[k] == [v], k
     assert set(s["DeviceAllow"]) == {"/dev/mapper/control rw", "/dev/loop-control rw",
-                                     "block-device-mapper rw", "block-loop rw"}
+                                     "block-device-mapper rwm", "block-loop rw"}
     assert set(s["ReadWritePaths"][0].split()) == {DEFAULT_STATE_DIR, str(Path(P.DEFAULT_SOCKET).parent)}
     caps = set(s["CapabilityBoundingSet"][0].split())
     assert {"CAP_SYS_ADMIN", "CAP_MKNOD", "CAP_CHOWN", "CAP_FOWNER", "CAP_DAC_OVERRIDE",
