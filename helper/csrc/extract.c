@@ -26,18 +26,29 @@
 #define NBUF 4 /* read buffers in flight: libarchive parses one while the hasher thread digests others */
 #define MAX_REMOVE_DEPTH 4096
 #define PATH_LIMIT_CAP (1u << 20) /* no limit configuration may make us allocate more per path */
+#define NO_SGID ((gid_t)-1)
+#define NO_UMASK ((mode_t)-1)
 #define RESOLVE_FLAGS (RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV)
 
-/* ---------- a set of the paths this layer wrote (whiteouts never hide them) ---------- */
+/* ---------- the set of objects this layer wrote (its own whiteouts never remove them) ----------
+ * Keyed by (parent directory inode, name), not by path string: a name written through a symlinked parent
+ * and the same object reached by its real path are one key. A recycled inode can only belong to a
+ * directory created during this layer, whose children are all this layer's anyway. */
 
-struct pset {
-    char **slot;
+struct wkey {
+    uint64_t ino;
+    size_t len;
+    char name[];
+};
+
+struct wset {
+    struct wkey **slot;
     size_t cap, n;
 };
 
-static uint64_t hash_bytes(const char *s, size_t n)
+static uint64_t wkey_hash(uint64_t ino, const char *s, size_t n)
 {
-    uint64_t h = 1469598103934665603ull; /* FNV-1a */
+    uint64_t h = 1469598103934665603ull ^ (ino * 0x9E3779B97F4A7C15ull); /* FNV-1a over the name */
     for (size_t i = 0; i < n; i++) {
         h ^= (unsigned char)s[i];
         h *= 1099511628211ull;
@@ -45,108 +56,71 @@ static uint64_t hash_bytes(const char *s, size_t n)
     return h;
 }
 
-static int pset_grow(struct pset *p)
+static int wkey_eq(const struct wkey *k, uint64_t ino, const char *s, size_t n)
 {
-    size_t ncap = p->cap ? p->cap * 2 : 4096;
-    char **ns = calloc(ncap, sizeof(char *));
+    return k->ino == ino && k->len == n && memcmp(k->name, s, n) == 0;
+}
+
+static int wset_grow(struct wset *w)
+{
+    size_t ncap = w->cap ? w->cap * 2 : 4096;
+    struct wkey **ns = calloc(ncap, sizeof(*ns));
     if (!ns)
         return -1;
-    for (size_t i = 0; i < p->cap; i++) {
-        char *k = p->slot[i];
+    for (size_t i = 0; i < w->cap; i++) {
+        struct wkey *k = w->slot[i];
         if (!k)
             continue;
-        size_t j = hash_bytes(k, strlen(k)) & (ncap - 1);
+        size_t j = wkey_hash(k->ino, k->name, k->len) & (ncap - 1);
         while (ns[j])
             j = (j + 1) & (ncap - 1);
         ns[j] = k;
     }
-    free(p->slot);
-    p->slot = ns;
-    p->cap = ncap;
+    free(w->slot);
+    w->slot = ns;
+    w->cap = ncap;
     return 0;
 }
 
-static int pset_has(const struct pset *p, const char *s, size_t n)
+static int wset_has(const struct wset *w, uint64_t ino, const char *s)
 {
-    if (!p->cap)
+    if (!w->cap)
         return 0;
-    size_t j = hash_bytes(s, n) & (p->cap - 1);
-    while (p->slot[j]) {
-        if (strncmp(p->slot[j], s, n) == 0 && p->slot[j][n] == 0)
+    size_t n = strlen(s);
+    size_t j = wkey_hash(ino, s, n) & (w->cap - 1);
+    for (; w->slot[j]; j = (j + 1) & (w->cap - 1))
+        if (wkey_eq(w->slot[j], ino, s, n))
             return 1;
-        j = (j + 1) & (p->cap - 1);
-    }
     return 0;
 }
 
-static int pset_add(struct pset *p, const char *s, size_t n)
+static int wset_add(struct wset *w, uint64_t ino, const char *s)
 {
-    if ((p->n + 1) * 10 >= p->cap * 7 && pset_grow(p) < 0)
+    if ((w->n + 1) * 10 >= w->cap * 7 && wset_grow(w) < 0)
         return -1;
-    size_t j = hash_bytes(s, n) & (p->cap - 1);
-    while (p->slot[j]) {
-        if (strncmp(p->slot[j], s, n) == 0 && p->slot[j][n] == 0)
+    size_t n = strlen(s);
+    size_t j = wkey_hash(ino, s, n) & (w->cap - 1);
+    for (; w->slot[j]; j = (j + 1) & (w->cap - 1))
+        if (wkey_eq(w->slot[j], ino, s, n))
             return 0;
-        j = (j + 1) & (p->cap - 1);
-    }
-    char *k = malloc(n + 1);
+    struct wkey *k = malloc(sizeof(*k) + n);
     if (!k)
         return -1;
-    memcpy(k, s, n);
-    k[n] = 0;
-    p->slot[j] = k;
-    p->n++;
+    k->ino = ino;
+    k->len = n;
+    memcpy(k->name, s, n);
+    w->slot[j] = k;
+    w->n++;
     return 0;
 }
 
-static void pset_free(struct pset *p)
+static void wset_free(struct wset *w)
 {
-    for (size_t i = 0; i < p->cap; i++)
-        free(p->slot[i]);
-    free(p->slot);
-    p->slot = NULL;
-    p->cap = p->n = 0;
-}
-
-/* ---------- a growable path buffer for recursive removal ---------- */
-
-struct pbuf {
-    char *s;
-    size_t len, cap;
-};
-
-static int pbuf_set(struct pbuf *b, const char *s, size_t n)
-{
-    if (n + 1 > b->cap) {
-        size_t ncap = (n + 1) * 2;
-        char *ns = realloc(b->s, ncap);
-        if (!ns)
-            return -1;
-        b->s = ns;
-        b->cap = ncap;
-    }
-    memcpy(b->s, s, n);
-    b->s[n] = 0;
-    b->len = n;
-    return 0;
-}
-
-static int pbuf_push(struct pbuf *b, const char *name)
-{
-    size_t n = strlen(name), need = b->len + 1 + n + 1;
-    if (need > b->cap) {
-        size_t ncap = need * 2;
-        char *ns = realloc(b->s, ncap);
-        if (!ns)
-            return -1;
-        b->s = ns;
-        b->cap = ncap;
-    }
-    if (b->len)
-        b->s[b->len++] = '/';
-    memcpy(b->s + b->len, name, n + 1);
-    b->len += n;
-    return 0;
+    for (size_t i = 0; i < w->cap; i++)
+        free(w->slot[i]);
+    free(w->slot);
+    w->slot = NULL;
+    w->cap = w->n = 0;
 }
 
 /* ---------- SHA-256 on a second thread: hashing costs as much as the rest of the CPU work ---------- */
@@ -287,11 +261,18 @@ struct xctx {
     size_t cache_len;
     int cache_valid;
     int cache_fd;
+    gid_t cache_sgid; /* gid new files inherit from a setgid cached directory, or NO_SGID */
+    uint64_t cache_ino;
 
-    struct pset layer;
+    /* what a new file gets without chown/chmod: lets us skip them when they would change nothing */
+    uid_t euid;
+    gid_t egid, root_sgid, parent_sgid;
+    uint64_t root_ino, parent_ino; /* parent_*: of the directory open_parent() returned last */
+    mode_t umask; /* NO_UMASK if unknown */
+
+    struct wset layer;
     struct dir_time *dirs;
     size_t ndirs, capdirs;
-    struct pbuf rm;
 };
 
 static int fail(struct xctx *x, const char *code, int errnum, const char *fmt, ...)
@@ -417,7 +398,7 @@ static int normalize(const char *in, char *out, size_t cap, size_t *outlen, uint
 
 /* ---------- resolving parents ---------- */
 
-static void cache_set(struct xctx *x, const char *path, size_t len, int fd)
+static void cache_set(struct xctx *x, const char *path, size_t len, int fd, uint64_t ino, gid_t sgid)
 {
     if (x->cache_fd >= 0 && x->cache_fd != fd)
         close(x->cache_fd);
@@ -425,6 +406,8 @@ static void cache_set(struct xctx *x, const char *path, size_t len, int fd)
     x->cache_path[len] = 0;
     x->cache_len = len;
     x->cache_fd = fd;
+    x->cache_sgid = sgid;
+    x->cache_ino = ino;
     x->cache_valid = 1;
 }
 
@@ -445,8 +428,9 @@ static int make_parents(struct xctx *x, char *path, size_t len)
         if (fd < 0 && errno == ENOENT) {
             const char *comp = strrchr(path, '/');
             comp = comp ? comp + 1 : path;
+            struct stat pst;
             if (mkdirat(prev, comp, 0755) == 0) {
-                if (pset_add(&x->layer, path, i) < 0) {
+                if (fstat(prev, &pst) < 0 || wset_add(&x->layer, (uint64_t)pst.st_ino, comp) < 0) {
                     path[i] = saved;
                     if (prev != x->root)
                         close(prev);
@@ -480,12 +464,29 @@ static int make_parents(struct xctx *x, char *path, size_t len)
 
 /* The dirfd of the parent of x->norm (whose last '/' is at slash, or none). create: make missing
  * parents. Returns the fd (owned by the cache or the root) or -1; with !create, -2 when it is absent. */
+/* A directory's inode (the whiteout set's key) and the group its new files inherit if it is setgid. */
+static int dir_info(int fd, uint64_t *ino, gid_t *sgid)
+{
+    struct stat st;
+    if (fstat(fd, &st) < 0)
+        return -1;
+    *ino = (uint64_t)st.st_ino;
+    *sgid = (st.st_mode & S_ISGID) ? st.st_gid : NO_SGID;
+    return 0;
+}
+
 static int open_parent(struct xctx *x, size_t plen, int create)
 {
-    if (plen == 0)
+    if (plen == 0) {
+        x->parent_sgid = x->root_sgid;
+        x->parent_ino = x->root_ino;
         return x->root;
-    if (x->cache_valid && x->cache_len == plen && memcmp(x->cache_path, x->norm, plen) == 0)
+    }
+    if (x->cache_valid && x->cache_len == plen && memcmp(x->cache_path, x->norm, plen) == 0) {
+        x->parent_sgid = x->cache_sgid;
+        x->parent_ino = x->cache_ino;
         return x->cache_fd;
+    }
     char saved = x->norm[plen];
     x->norm[plen] = 0;
     int fd = openat2_in_root(x->root, x->norm, O_PATH | O_DIRECTORY);
@@ -500,22 +501,34 @@ static int open_parent(struct xctx *x, size_t plen, int create)
         if (fd < 0)
             return -1;
     }
-    cache_set(x, x->norm, plen, fd);
+    if (dir_info(fd, &x->parent_ino, &x->parent_sgid) < 0) {
+        e = errno;
+        close(fd);
+        return fail(x, "io", e, "inspecting the parent directory");
+    }
+    cache_set(x, x->norm, plen, fd, x->parent_ino, x->parent_sgid);
     return fd;
 }
 
 /* ---------- removal, never following symlinks ---------- */
 
-static int remove_at(struct xctx *x, int dfd, const char *name, int keep_layer, int depth);
+static int remove_at(struct xctx *x, int dfd, uint64_t dino, const char *name, int keep_layer, int depth);
 
-/* Removes dfd's children; with keep_layer, keeps (and descends into) what this layer wrote. x->rm holds
- * the path of the directory. */
+/* Removes the children of the directory fd (consumed); with keep_layer, keeps (and descends into) what
+ * this layer wrote. */
 static int empty_dir(struct xctx *x, int fd, int keep_layer, int depth)
 {
     if (depth > MAX_REMOVE_DEPTH) {
         close(fd);
         return fail(x, "limit", 0, "directory tree too deep to remove");
     }
+    struct stat st;
+    if (keep_layer && fstat(fd, &st) < 0) {
+        int e = errno;
+        close(fd);
+        return fail(x, "io", e, "inspecting a directory to remove");
+    }
+    uint64_t ino = keep_layer ? (uint64_t)st.st_ino : 0;
     DIR *d = fdopendir(fd);
     if (!d) {
         int e = errno;
@@ -528,7 +541,7 @@ static int empty_dir(struct xctx *x, int fd, int keep_layer, int depth)
     while ((de = readdir(d)) != NULL) {
         if (de->d_name[0] == '.' && (!de->d_name[1] || (de->d_name[1] == '.' && !de->d_name[2])))
             continue;
-        if (remove_at(x, dirfd(d), de->d_name, keep_layer, depth + 1) < 0) {
+        if (remove_at(x, dirfd(d), ino, de->d_name, keep_layer, depth + 1) < 0) {
             rc = -1;
             break;
         }
@@ -540,43 +553,35 @@ static int empty_dir(struct xctx *x, int fd, int keep_layer, int depth)
     return rc;
 }
 
-static int remove_at(struct xctx *x, int dfd, const char *name, int keep_layer, int depth)
+/* Removes dfd/name, never following it (a whole tree for a directory). dino: dfd's inode, for the
+ * keep_layer lookups. */
+static int remove_at(struct xctx *x, int dfd, uint64_t dino, const char *name, int keep_layer, int depth)
 {
     struct stat st;
     if (fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) < 0)
         return errno == ENOENT ? 0 : fail(x, "io", errno, "inspecting an object to remove");
-    size_t mark = x->rm.len;
-    int in_layer = 0, rc = 0;
-    if (keep_layer) {
-        if (pbuf_push(&x->rm, name) < 0)
-            return fail(x, "io", ENOMEM, "path buffer");
-        in_layer = pset_has(&x->layer, x->rm.s, x->rm.len);
-    }
+    int in_layer = keep_layer && wset_has(&x->layer, dino, name);
     if (!S_ISDIR(st.st_mode)) {
         if (!in_layer && unlinkat(dfd, name, 0) < 0 && errno != ENOENT)
-            rc = fail(x, "io", errno, "removing an object");
-    } else {
-        int fd = openat(dfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-        if (fd < 0)
-            rc = fail(x, "io", errno, "opening a directory to remove");
-        else
-            rc = empty_dir(x, fd, keep_layer, depth);
-        if (rc == 0 && !in_layer && unlinkat(dfd, name, AT_REMOVEDIR) < 0 && errno != ENOENT &&
-            !(keep_layer && errno == ENOTEMPTY))
-            rc = fail(x, "io", errno, "removing a directory");
+            return fail(x, "io", errno, "removing an object");
+        return 0;
     }
-    if (keep_layer) {
-        x->rm.len = mark;
-        x->rm.s[mark] = 0;
-    }
-    return rc;
+    int fd = openat(dfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0)
+        return fail(x, "io", errno, "opening a directory to remove");
+    if (empty_dir(x, fd, keep_layer, depth) < 0)
+        return -1;
+    if (!in_layer && unlinkat(dfd, name, AT_REMOVEDIR) < 0 && errno != ENOENT &&
+        !(keep_layer && errno == ENOTEMPTY)) /* ENOTEMPTY: it holds something this layer wrote */
+        return fail(x, "io", errno, "removing a directory");
+    return 0;
 }
 
 /* Makes room for a new entry at pfd/base: removes whatever is there (a whole tree for a directory). */
 static int replace_existing(struct xctx *x, int pfd, const char *base)
 {
     cache_invalidate(x);
-    return remove_at(x, pfd, base, 0, 0);
+    return remove_at(x, pfd, 0, base, 0, 0);
 }
 
 /* ---------- metadata ---------- */
@@ -725,13 +730,29 @@ static int write_data(struct xctx *x, struct archive_entry *e, int fd)
     return 0;
 }
 
+/* A new file is created with its permission bits, owned by euid and egid (or the setgid parent's group):
+ * chown and chmod run only when they would change something (most files in an image are root's 0644). */
+static int apply_file_meta(struct xctx *x, struct archive_entry *e, int fd)
+{
+    uid_t uid = (uid_t)archive_entry_uid(e);
+    gid_t gid = (gid_t)archive_entry_gid(e);
+    mode_t perm = archive_entry_perm(e) & 07777;
+    gid_t born_gid = x->parent_sgid != NO_SGID ? x->parent_sgid : x->egid;
+    if (x->is_root && (uid != x->euid || gid != born_gid) && fchown(fd, uid, gid) < 0)
+        return fail(x, "io", errno, "chown");
+    if ((perm & 07000 || x->umask == NO_UMASK || (perm & x->umask)) && fchmod(fd, perm) < 0)
+        return fail(x, "io", errno, "chmod");
+    return apply_xattrs(x, e, fd);
+}
+
 static int do_file(struct xctx *x, struct archive_entry *e, int pfd, const char *base)
 {
-    int fd = openat(pfd, base, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+    mode_t create_mode = archive_entry_perm(e) & 0777;
+    int fd = openat(pfd, base, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, create_mode);
     if (fd < 0 && errno == EEXIST) {
         if (replace_existing(x, pfd, base) < 0)
             return -1;
-        fd = openat(pfd, base, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+        fd = openat(pfd, base, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, create_mode);
     }
     if (fd < 0)
         return fail_errno(x, errno, "creating a file");
@@ -739,7 +760,7 @@ static int do_file(struct xctx *x, struct archive_entry *e, int pfd, const char 
     entry_times(e, ts);
     int rc = write_data(x, e, fd);
     if (rc == 0)
-        rc = apply_fd_meta(x, e, fd);
+        rc = apply_file_meta(x, e, fd);
     if (rc == 0 && futimens(fd, ts) < 0)
         rc = fail(x, "io", errno, "setting times");
     if (close(fd) < 0 && rc == 0)
@@ -771,7 +792,14 @@ static int do_dir(struct xctx *x, struct archive_entry *e, int pfd, const char *
         return -1;
     }
     x->st->dirs++;
-    cache_set(x, x->norm, x->norm_len, fd); /* the next entries are most likely its children */
+    uint64_t ino;
+    gid_t sgid;
+    if (dir_info(fd, &ino, &sgid) < 0) {
+        int err_no = errno;
+        close(fd);
+        return fail(x, "io", err_no, "inspecting a directory");
+    }
+    cache_set(x, x->norm, x->norm_len, fd, ino, sgid); /* the next entries are most likely its children */
     return 0;
 }
 
@@ -919,8 +947,6 @@ static int do_whiteout(struct xctx *x, size_t plen, const char *base)
     int opaque = strcmp(base, ".wh..wh..opq") == 0;
     if (!opaque && (!name[0] || strcmp(name, ".") == 0 || strcmp(name, "..") == 0))
         return fail(x, "escape", 0, "whiteout of \"%s\" names its directory or a parent", name);
-    if (pbuf_set(&x->rm, x->norm, plen) < 0)
-        return fail(x, "io", ENOMEM, "path buffer");
     cache_invalidate(x);
     if (opaque) {
         int fd;
@@ -940,7 +966,7 @@ static int do_whiteout(struct xctx *x, size_t plen, const char *base)
         return 0; /* nothing there to hide */
     if (pfd < 0)
         return -1;
-    return remove_at(x, pfd, name, 1, 0);
+    return remove_at(x, pfd, x->parent_ino, name, 1, 0);
 }
 
 static int check_limits(struct xctx *x, struct archive_entry *e)
@@ -1029,7 +1055,7 @@ static int do_entry(struct xctx *x, struct archive_entry *e)
         r = do_symlink(x, e, pfd, base);
     else
         r = do_node(x, e, pfd, base);
-    if (r == 0 && pset_add(&x->layer, x->norm, x->norm_len) < 0)
+    if (r == 0 && wset_add(&x->layer, x->parent_ino, base) < 0)
         return fail(x, "io", ENOMEM, "recording a path");
     return r;
 }
@@ -1138,6 +1164,24 @@ static int run(struct xctx *x, const char *expect)
     return 0;
 }
 
+/* The umask, without changing it (umask(2) would race with other threads): /proc/self/status has it. */
+static mode_t read_umask(void)
+{
+    FILE *f = fopen("/proc/self/status", "re");
+    if (!f)
+        return NO_UMASK;
+    char line[256];
+    mode_t m = NO_UMASK;
+    unsigned v;
+    while (fgets(line, sizeof(line), f))
+        if (sscanf(line, "Umask: %o", &v) == 1) {
+            m = (mode_t)(v & 0777);
+            break;
+        }
+    fclose(f);
+    return m;
+}
+
 int img_apply_layer(int root_fd, int src_fd, int64_t offset, int64_t length, const char *expect_sha256,
                     const struct img_limits *limits, struct img_extract_stats *stats,
                     struct img_extract_error *err, img_progress_fn progress, void *progress_ctx,
@@ -1156,6 +1200,9 @@ int img_apply_layer(int root_fd, int src_fd, int64_t offset, int64_t length, con
     x.next_progress_entries = x.progress_entries;
     x.next_progress_bytes = x.progress_bytes;
     x.is_root = geteuid() == 0;
+    x.euid = geteuid();
+    x.egid = getegid();
+    x.umask = read_umask();
     if (offset < 0)
         return fail(&x, "io", EINVAL, "negative offset");
     x.pos = (uint64_t)offset;
@@ -1172,7 +1219,7 @@ int img_apply_layer(int root_fd, int src_fd, int64_t offset, int64_t length, con
     x.norm = malloc(x.lim.max_path_len + 2);
     x.target = malloc(x.lim.max_path_len + 2);
     x.cache_path = malloc(x.lim.max_path_len + 2);
-    if (x.root < 0)
+    if (x.root < 0 || dir_info(x.root, &x.root_ino, &x.root_sgid) < 0)
         fail(&x, "io", errno, "opening the root directory");
     else if (hashing < 0 || !x.norm || !x.target || !x.cache_path)
         fail(&x, "io", ENOMEM, "allocating buffers or initializing SHA-256");
@@ -1188,8 +1235,7 @@ int img_apply_layer(int root_fd, int src_fd, int64_t offset, int64_t length, con
     for (size_t i = 0; i < x.ndirs; i++)
         free(x.dirs[i].path);
     free(x.dirs);
-    free(x.rm.s);
-    pset_free(&x.layer);
+    wset_free(&x.layer);
     hasher_free(&x.h);
     free(x.norm);
     free(x.target);

@@ -79,6 +79,14 @@ def test_opaque_hides_lower_children_whatever_its_position(box: Sandbox, positio
     assert (box.root / "etc/passwd").exists()
 
 
+@pytest.mark.parametrize("opaque_first", [True, False])
+def test_opaque_keeps_this_layers_entries_written_through_a_symlinked_alias(box: Sandbox,
+                                                                          opaque_first: bool) -> None:
+    members = [t.file("alias/new", b"n"), t.opaque("d")]
+    box.apply(LOWER, t.tar(t.symlink("alias", "d"), *(members[::-1] if opaque_first else members)))
+    assert {k: v for k, v in box.tree().items() if k.startswith("d")} == {"d": "dir", "d/new": "file"}
+
+
 def test_opaque_at_the_root_hides_every_lower_object(box: Sandbox) -> None:
     box.apply(LOWER, t.tar(t.file("only", b"x"), t.opaque("")))
     assert box.tree() == {"only": "file"}
@@ -297,3 +305,23 @@ def test_matches_bsdtar_on_a_rich_tree_made_by_gnu_tar(box: Sandbox, tmp_path: P
     assert ours == snapshot(src)  # mtimes included (atime is not compared: reading moves it)
     assert st.hardlinks == 1 and st.fifos == 1 and st.xattrs == 2
     shutil.rmtree(ref)
+
+
+def test_files_in_a_setgid_directory_get_the_archived_group_not_the_inherited_one(box: Sandbox) -> None:
+    box.apply(t.tar(t.directory("var/mail/", mode=0o2775, gid=8), t.file("var/mail/root", b"r", gid=0),
+                    t.file("var/mail/mail", b"m", gid=8), t.directory("var/mail/sub/", gid=0)))
+    assert (box.root / "var/mail").stat().st_gid == 8
+    assert (box.root / "var/mail/root").stat().st_gid == 0
+    assert (box.root / "var/mail/mail").stat().st_gid == 8
+    assert (box.root / "var/mail/sub").stat().st_gid == 0
+
+
+def test_the_callers_umask_does_not_change_archived_modes(box: Sandbox) -> None:
+    old = os.umask(0o077)
+    try:
+        box.apply(t.tar(t.file("f", b"x", mode=0o644), t.directory("d/", mode=0o755),
+                        t.file("d/g", mode=0o777), t.fifo("p", mode=0o666)))
+    finally:
+        os.umask(old)
+    modes = {p: stat.S_IMODE((box.root / p).lstat().st_mode) for p in ("f", "d", "d/g", "p")}
+    assert modes == {"f": 0o644, "d": 0o755, "d/g": 0o777, "p": 0o666}
