@@ -682,3 +682,44 @@ def test_per_day_history_and_purge_of_archived_runs(managers: Managers, db: Path
     assert day == m.get_run(parent).day and counts == {"succeeded": 2, "failed": 1, "pending": 1}
     assert store.purge(time.time() + 1) == 3
     assert [r.version for r in m.runs()] == [pending] and m.history(parent) == [] and m.children(parent) == []
+
+
+def test_restarted_parent_reuses_its_children_and_shares_them_with_other_parents(managers: Managers) -> None:
+    runs: list[str] = []
+    gate = threading.Event()
+
+    def build(m: fsm.Manager) -> tuple[fsm.Machine[Msg, Out], fsm.Machine[Msg, Out]]:
+        def work(req: fsm.Request[Msg, Out]) -> Out:
+            runs.append(req.run.id)
+            while req.run.id == "layer-2" and not gate.is_set():
+                req.sleep(0.01)
+            return Out(total=req.msg.n)
+
+        child = m.register("layer", Msg, Out).start("work", work).end("done").build()
+
+        def spawn(req: fsm.Request[Msg, Out]) -> Out:
+            for n in (1, 2):
+                child.start_child(f"layer-{n}", Msg(n), parent=req.run.version)
+            return Out(total=sum(o.total for o in m.wait_children(req.run.version).values()))
+
+        return child, m.register("image", Msg, Out).start("spawn", spawn).end("done").build()
+
+    m1 = managers()
+    _, image1 = build(m1)
+    v = image1.start("img-a", Msg())
+    until(lambda: "layer-2" in runs, what="layer-2 running")
+    m1.shutdown(timeout=5)  # parent interrupted in spawn, layer-1 done, layer-2 interrupted
+    m2 = managers()
+    _, image2 = build(m2)
+    assert v in m2.resume()
+    other = image2.start("img-b", Msg())  # another image sharing both layers, while layer-2 is active
+    until(lambda: len(m2.children(other)) == 2, what="img-b children")
+    gate.set()
+    assert image2.wait(v, timeout=5) == Out(total=3)
+    assert image2.wait(other, timeout=5) == Out(total=3)
+    # layer-1: once for img-a (its restarted parent reused the finished child), once for img-b (a finished
+    # run is not shared across parents: steps check real state); layer-2: interrupted + resumed, and img-b
+    # attached to that active run instead of starting another
+    assert sorted(runs) == ["layer-1", "layer-1", "layer-2", "layer-2"]
+    layer2 = {c for c in m2.children(v) if m2.get_run(c).run_id == "layer-2"}
+    assert len(m2.children(v)) == 2 and layer2 <= set(m2.children(other))

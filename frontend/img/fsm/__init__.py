@@ -79,20 +79,26 @@ Manager(db, *, workers=64, lease_ttl=15.0, queues={name: limit}, retry=RetryPoli
     .start_or_attach(fsm | machine, run_id, msg, **start_options) -> version: start, or on AlreadyRunning
            return the active run's version after claiming it if its owner is dead (deterministic run ids:
            two processes asking for the same work wait on one run).
+    .start_child(fsm | machine, run_id, msg, parent, **start_options) -> version: for a parent step that may
+           run again after a restart: returns the parent's existing active/succeeded child of that
+           (type, id, action), else start_or_attach(parent=...) (attaching links the run to this parent too).
     .resume(fsms=None) -> [versions] claimed: active runs of registered FSMs (type AND action) with no
            live owner.  .reap_dead_owners() -> [owner ids] (resume() and the heartbeat call it).
     .owner (this manager's owner id), .store (FsmStore)
     .wait(version, timeout=None) -> response | raises RunFailed(.kind, .state, .error) / RunCancelled /
            WaitTimeout / RunNotFound.  Works for runs executed by other processes (polls SQLite).
-    .wait_by_id(run_id, *, action=None, type_name=None, timeout=None);  .wait_children(parent, timeout=None)
+    .wait_by_id(run_id, *, action=None, type_name=None, timeout=None)
+    .wait_children(parent, timeout=None) -> {child version: response} (newest run per child id; raises the
+           first failure)
     .cancel(version, reason="cancelled") -> bool (False if not active)
     .shutdown(timeout=10.0)  (also the context manager's exit)
     Admin: .list_fsms() -> [dict], .list_active(action=None) -> [RunRecord], .get_run(version) -> RunRecord,
            .history(version) -> [Event], .runs(day=, run_id=, action=, status=, limit=) -> [RunRecord],
            .children(parent) -> [version].  The same reads without threads: FsmStore(db).get_run(...) etc.;
            FsmStore.days() -> [(day, {status: n})] (per-day history), FsmStore.purge(finished_before) -> n.
-Machine(manager, fsm): .start(run_id, msg, **options), .start_or_attach(run_id, msg, **options), .resume(),
-    .wait(version), .wait_by_id(run_id), .cancel(version), .fsm
+Machine(manager, fsm): .start(run_id, msg, **options), .start_or_attach(run_id, msg, **options),
+    .start_child(run_id, msg, parent, **options), .resume(), .wait(version), .wait_by_id(run_id),
+    .cancel(version), .fsm
 RunRecord: version, run_id, type_name, action, parent, queue, status ("pending" | "running" | "succeeded" |
     "failed" | "cancelled"), current_state, retry_count, error, error_kind, error_state, cancel_requested,
     created_at, started_at, finished_at, run_at, run_after, day, options, msg, result, active, owner,

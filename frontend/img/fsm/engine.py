@@ -133,6 +133,9 @@ class Machine(Generic[R, W]):
     def start_or_attach(self, run_id: str, msg: R, **options: Any) -> str:
         return self.manager.start_or_attach(self.fsm, run_id, msg, **options)
 
+    def start_child(self, run_id: str, msg: R, parent: str, **options: Any) -> str:
+        return self.manager.start_child(self.fsm, run_id, msg, parent, **options)
+
     def resume(self) -> list[str]:
         return self.manager.resume(fsms=[self.fsm])
 
@@ -390,8 +393,38 @@ class Manager:
         try:
             return self.start(fsm, run_id, msg, **options)
         except AlreadyRunning as e:
+            parent = options.get("parent")
+            if parent:  # the run another parent started is now also this parent's child (wait_children)
+                with self.store.tx() as c:
+                    c.execute(
+                        "INSERT OR IGNORE INTO fsm_children (parent, child) VALUES (?, ?)",
+                        (parent, e.version),
+                    )
             self.resume(fsms=[fsm])  # claims it only if its owner is gone
             return e.version
+
+    def start_child(
+        self, fsm: FSM[R, W] | Machine[R, W], run_id: str, msg: R, parent: str, **options: Any
+    ) -> str:
+        """Idempotent child start for a parent step that may run again after a restart: if `parent` already
+        has a child run of this (type, id, action) that is active or succeeded, return it (nothing re-runs);
+        otherwise `start_or_attach(..., parent=parent)`. A failed or cancelled child is started again."""
+        if isinstance(fsm, Machine):
+            fsm = fsm.fsm
+        row = (
+            self.store.conn()
+            .execute(
+                "SELECT r.version FROM fsm_children c JOIN fsm_runs r ON r.version = c.child"
+                " WHERE c.parent = ? AND r.type_name = ? AND r.run_id = ? AND r.action = ?"
+                " AND r.status NOT IN ('failed', 'cancelled') ORDER BY r.version DESC LIMIT 1",
+                (parent, fsm.type_name, run_id, fsm.action),
+            )
+            .fetchone()
+        )
+        if row is not None:
+            self.resume(fsms=[fsm])  # if it is active and orphaned, make it progress
+            return str(row[0])
+        return self.start_or_attach(fsm, run_id, msg, parent=parent, **options)
 
     # --- resume ---------------------------------------------------------------------------------------------
 
@@ -555,10 +588,18 @@ class Manager:
         return self.wait(version, timeout)
 
     def wait_children(self, parent: str, timeout: float | None = None) -> dict[str, Any]:
-        """Wait for every child run of `parent`; returns {child version: result}; raises the first failure."""
+        """Wait for the child runs of `parent` — for each child (type, id, action) its newest run, so a child
+        started again after failing counts once. Returns {child version: result}; raises the first failure."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        newest: dict[tuple[str, str, str], str] = {}
+        for version, type_name, run_id, action in self.store.conn().execute(
+            "SELECT r.version, r.type_name, r.run_id, r.action FROM fsm_children c"
+            " JOIN fsm_runs r ON r.version = c.child WHERE c.parent = ? ORDER BY r.version",
+            (parent,),
+        ):
+            newest[(type_name, run_id, action)] = version
         out: dict[str, Any] = {}
-        for child in self.children(parent):
+        for child in newest.values():
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             out[child] = self.wait(child, left)
         return out
