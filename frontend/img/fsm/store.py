@@ -287,10 +287,11 @@ class FsmStore:
         c.execute("BEGIN IMMEDIATE")
         try:
             yield c
+            c.execute("COMMIT")
         except BaseException:
-            c.execute("ROLLBACK")
+            if c.in_transaction:  # never leave this thread's connection inside a transaction
+                c.execute("ROLLBACK")
             raise
-        c.execute("COMMIT")
 
     def close(self) -> None:
         """Closes this thread's connection (other threads' connections close when their threads end)."""
