@@ -95,7 +95,7 @@ class Field:
 
 class VerbSpec:
     """A verb: the Service method it calls, its argument schema, whether it changes the pool, and its
-    per-request time limit in seconds (lock wait + authorization + the call)."""
+    per-request time limit in seconds (lock wait + the call; polkit's check has its own timeout)."""
 
     __slots__ = ("args", "method", "mutating", "timeout")
 

@@ -186,8 +186,9 @@ class Connection:
                 raise P.ProtocolError(P.SHUTTING_DOWN, "the helper is shutting down; retry")
             if self.server.worker_count() >= self.server.limits.max_workers:
                 raise P.ProtocolError(P.BUSY, "too many requests in progress; retry later")
-            deadline = time.monotonic() + self.server.limits.timeout_for(req.verb)
             self.server.authorizer.authorize(self.peer, req.verb, req.allow_interaction)
+            # the verb's time limit starts once authorized (polkit has its own, longer if interactive)
+            deadline = time.monotonic() + self.server.limits.timeout_for(req.verb)
         except P.ProtocolError as e:
             P.close_fds(fds)
             return self._reply_error(rid, e.to_error())
