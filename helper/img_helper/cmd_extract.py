@@ -15,6 +15,9 @@ import click
 
 EXIT_REJECTED = 2
 EXIT_FAILED = 1
+NOT_REJECTIONS = frozenset(
+    {"io", "cancelled", "internal"}
+)  # extractor error codes that are not about the input
 
 
 def _open_source(path: str) -> int:
@@ -122,7 +125,8 @@ def extract(
         summary = extract_image(image, dir_fd, limits, progress)
         summary["seconds"] = round(time.monotonic() - t0, 3)
     except rejected as e:
-        _fail(progress, t0, e, EXIT_REJECTED)
+        # the input was refused -- unless the extractor failed for reasons of its own (I/O, cancelled)
+        _fail(progress, t0, e, EXIT_FAILED if getattr(e, "code", "") in NOT_REJECTIONS else EXIT_REJECTED)
     except LayoutError as e:
         _fail(progress, t0, e, EXIT_FAILED)
     except OSError as e:

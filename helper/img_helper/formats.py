@@ -16,6 +16,7 @@ expected sha256 into `apply_layer`, which verifies it while streaming.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -157,26 +158,24 @@ def sniff_blob(fd: int, offset: int = 0, entry: str = "") -> str:
 
 
 def _decompressed_head(fd: int, kind: str, want: int = 64 << 10) -> bytes:
-    """The first `want` bytes of a compressed blob (or fewer): enough to read its first tar headers."""
-    dec: Any
-    if kind == "gzip":
-        dec = zlib.decompressobj(wbits=31)
-    else:
+    """At most `want` bytes from the start of a compressed blob, decompressing at most 1 MiB of input: enough
+    to read its first tar headers, bounded whatever the compression ratio (a bomb yields `want` bytes)."""
+    data = _pread_exact(fd, 1 << 20, 0)
+    try:
+        if kind == "gzip":
+            return zlib.decompressobj(wbits=31).decompress(data, want)
         import zstandard
 
-        dec = zstandard.ZstdDecompressor().decompressobj()
-    out = b""
-    pos = 0
-    try:
-        while len(out) < want and pos < (4 << 20):
-            chunk = os.pread(fd, 65536, pos)
+        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=False)
+        out = b""
+        while len(out) < want:
+            chunk = reader.read(want - len(out))
             if not chunk:
                 break
-            pos += len(chunk)
-            out += dec.decompress(chunk) if kind == "zstd" else dec.decompress(chunk, want - len(out))
-    except Exception:  # a corrupt stream is apply_layer's to report; here it is just "not an archive"
+            out += chunk
         return out
-    return out[:want]
+    except Exception:  # a corrupt stream is apply_layer's to report; here it is just "not an archive"
+        return b""
 
 
 _ARCHIVE_TOP = frozenset({"manifest.json", "oci-layout", "index.json", "repositories", "blobs"})

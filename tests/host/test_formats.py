@@ -571,3 +571,51 @@ def test_chain_ids_known_vector() -> None:
 def test_chain_ids_reject_malformed_digest() -> None:
     with pytest.raises(FormatError):
         chain_ids(["sha256:xyz"])
+
+
+# ---------------------------------------------------------------------------------- decompression bombs
+
+_BOMB_CHECK = """
+import os, sys
+from img_helper.formats import detect_format
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fmt = detect_format([fd])
+hwm = next(ln.split()[1] for ln in open("/proc/self/status") if ln.startswith("VmHWM:"))  # peak RSS of this exec
+print(fmt, hwm)
+"""
+
+
+@pytest.mark.parametrize("kind", ["gzip", "zstd"])
+def test_bomb_single_compressed_file_sniff_is_bounded(tmp_path: Path, kind: str) -> None:
+    """Sniffing a compressed single file (layer or compressed archive?) decompresses a bounded head only."""
+    import subprocess
+    import sys
+    import zlib
+
+    import zstandard
+
+    zero = bytes(1 << 20)
+    ti = tarfile.TarInfo("big")
+    ti.size = 1 << 30
+    head = ti.tobuf(tarfile.GNU_FORMAT)
+    path = tmp_path / "bomb"
+    with open(path, "wb") as f:
+        if kind == "gzip":
+            c = zlib.compressobj(1, zlib.DEFLATED, 31)
+            f.write(c.compress(head))
+            for _ in range(1024):
+                f.write(c.compress(zero))
+            f.write(c.flush())
+        else:
+            with zstandard.ZstdCompressor(level=1).stream_writer(f, closefd=False) as w:
+                w.write(head)
+                for _ in range(1024):
+                    w.write(zero)
+    assert path.stat().st_size < 8 << 20  # 1 GiB of zeros behind a tar header
+    r = subprocess.run(
+        [sys.executable, "-c", _BOMB_CHECK, str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    fmt, maxrss_kib = r.stdout.split()
+    assert fmt == "layers"
+    assert int(maxrss_kib) < 150_000, f"sniffing used {maxrss_kib} KiB"
