@@ -22,6 +22,7 @@ import argparse
 import fcntl
 import gzip
 import hashlib
+import io
 import json
 import os
 import random
@@ -29,6 +30,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -396,32 +398,65 @@ class Builder:
 
     def gamma(self) -> Family:
         """Layers 4..12 are order-sensitive: each rewrites a counter, deletes the previous step's file and
-        reshapes /opt/order/slot, so applying them in any other order (1, 10, 11, 12, 2, ...) differs."""
+        reshapes /opt/order/slot, so applying them in any other order (1, 10, 11, 12, 2, ...) differs.
+        They are written docker-style by hand_layer (whiteout, then the new entry) rather than by
+        `umoci repack`, which rehashes the whole rootfs per layer (too slow for nine layers)."""
         self.unpack("common3")
+        base = "common3"
         for n in range(SHARED_LAYERS + 1, GAMMA_LAYERS + 1):
+            adds, whiteouts = ["opt/order/counter", f"opt/order/step-{n}"], []
             self.write("opt/order/counter", f"{n}\n")
             self.write(f"opt/order/step-{n}", f"step {n}\n")
             if n > SHARED_LAYERS + 1:
                 self.remove(f"opt/order/step-{n - 1}")
+                whiteouts.append(f"opt/order/step-{n - 1}")
             slot = self.rootfs / "opt/order/slot"
-            if slot.is_symlink() or slot.is_file():
-                slot.unlink()
-            elif slot.is_dir():
-                shutil.rmtree(slot)
+            if slot.is_symlink() or slot.exists():
+                self.remove("opt/order/slot")
+                if n != 10:  # layer 10 replaces the directory by a file without a whiteout, as umoci does
+                    whiteouts.append("opt/order/slot")
             kind = n % 3
             if kind == 0:
                 self.write(f"opt/order/slot/from-{n}", f"{n}\n")  # directory
+                adds += ["opt/order/slot", f"opt/order/slot/from-{n}"]
             elif kind == 1:
                 self.write("opt/order/slot", f"file from layer {n}\n")  # file
+                adds.append("opt/order/slot")
             else:
                 os.symlink(f"/opt/order/step-{n}", slot)  # absolute symlink
+                adds.append("opt/order/slot")
             for pkg in GAMMA_PACKAGES.get(n, []):
                 self.install([pkg])
+                adds += self.deb_paths(pkg)
+            if GAMMA_PACKAGES.get(n):
+                adds.append("var/lib/dpkg/status")
             if n == 10:
                 self.remove("usr/bin/xz")  # a layer-2 file deleted by a two-digit layer
+                whiteouts.append("usr/bin/xz")
             tag = "gamma" if n == GAMMA_LAYERS else f"gamma{n}"
-            self.repack(tag, f"order step {n}")
+            self.append_layer(base, tag, self.hand_layer(adds, whiteouts), f"order step {n}")
+            base = tag
         return self.finish("gamma", "gamma")
+
+    def deb_paths(self, name: str) -> list[str]:
+        """The paths a package's data tar holds, parents first, without the leading './'."""
+        listing = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(self.debs[name])], capture_output=True,
+                                 check=True).stdout
+        with tarfile.open(fileobj=io.BytesIO(listing)) as tar:
+            return [m.name.removeprefix("./").rstrip("/") for m in tar if m.name not in (".", "./")]
+
+    def hand_layer(self, adds: list[str], whiteouts: list[str]) -> bytes:
+        """A layer diff tar: whiteouts first, then `adds` as they now are in the bundle rootfs."""
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for rel in whiteouts:
+                parent, _, name = rel.rpartition("/")
+                ti = tarfile.TarInfo(f"{parent}/.wh.{name}" if parent else f".wh.{name}")
+                ti.mtime = SOURCE_DATE_EPOCH
+                tar.addfile(ti)
+            for rel in adds:
+                tar.add(self.rootfs / rel, arcname=rel, recursive=False)
+        return buf.getvalue()
 
     # -- exports
 
