@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -313,3 +314,67 @@ def test_owner_in_another_kernel_or_pid_namespace_is_judged_by_its_lease(
     m2.register("guest", Msg, Out).start("a", lambda r: Out()).end("done").build()
     assert m2.reap_dead_owners() == [] and m2.resume() == []
     assert m2.get_run(version).owner == "guest-owner"
+
+
+CHAOS = textwrap.dedent(
+    """
+    import os, random, sys, time
+    from img import fsm
+
+    db, log = sys.argv[1], sys.argv[2]
+
+    def step(req):
+        time.sleep(random.random() * 0.02)
+        with open(log, "a") as f:
+            f.write(f"{req.run.version} {req.run.state}\\n")
+        return {"n": (req.w or {}).get("n", 0) + 1}
+
+    backoff = fsm.Backoff(0.001, 0.01)
+    m = fsm.Manager(db, retry=fsm.RetryPolicy(10, backoff), queues={"q": 2}, lease_ttl=1, poll_interval=0.01)
+    mach = m.register("chaos", dict, dict).start("a", step).to("b", step).to("c", step).end("done").build()
+    m.resume()
+    versions = [mach.start_or_attach(f"r{i}", {"i": i}, queue="q" if i % 2 else None) for i in range(12)]
+    for v in versions:
+        mach.wait(v, timeout=60)
+    m.shutdown()
+    """
+)
+
+
+def test_chaos_concurrent_processes_killed_at_random_lose_and_duplicate_nothing(
+    tmp_path: Path, db: Path
+) -> None:
+    script, log = tmp_path / "chaos.py", tmp_path / "chaos.log"
+    script.write_text(CHAOS)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    rng = random.Random(1234)
+
+    def run() -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, str(script), str(db), str(log)], env=env)
+
+    for _ in range(4):
+        procs = [run(), run()]
+        time.sleep(0.15 + rng.random() * 0.5)
+        procs[rng.randrange(2)].kill()  # SIGKILL, wherever it is
+        for p in procs:
+            p.wait(timeout=60)
+    assert run().wait(timeout=60) == 0  # a clean pass finishes whatever is left
+    store = fsm.FsmStore(db)
+    c = store.conn()
+    assert c.execute("SELECT count(*) FROM fsm_active").fetchone() == (0,)
+    assert {s for (s,) in c.execute("SELECT DISTINCT status FROM fsm_runs")} == {"succeeded"}
+    per_run = c.execute(
+        "SELECT r.version,"
+        " (SELECT count(*) FROM fsm_events e WHERE e.version = r.version AND e.kind = 'FINISH'),"
+        " (SELECT count(*) FROM fsm_events e WHERE e.version = r.version AND e.kind = 'COMPLETE'),"
+        " (SELECT count(DISTINCT state) FROM fsm_events e"
+        "  WHERE e.version = r.version AND e.kind = 'COMPLETE')"
+        " FROM fsm_runs r"
+    ).fetchall()
+    assert all((finish, complete, states) == (1, 3, 3) for _, finish, complete, states in per_run)
+    executions: dict[tuple[str, str], int] = {}
+    for line in log.read_text().splitlines():
+        version, state = line.split()
+        executions[(version, state)] = executions.get((version, state), 0) + 1
+    assert len(executions) == 3 * len(per_run)  # every step of every run executed
+    assert sum(executions.values()) - len(executions) <= 4  # re-executions: at most one per kill

@@ -38,6 +38,7 @@ R = TypeVar("R")
 W = TypeVar("W")
 
 log = logging.getLogger("img.fsm")
+log.addHandler(logging.NullHandler())  # a library: the application decides where logs go
 ENGINE_RETRIES = 3  # engine (not step) errors tolerated per run execution before handing the run over
 ENGINE_RETRY_DELAY = 1.0
 
