@@ -211,6 +211,14 @@ static struct dm_task *first_target(const char *name, int status, char **type, u
         fail(dmt, e, EIO, status ? "status" : "table");
         return NULL;
     }
+    struct dm_info info;
+    if (!dm_task_get_info(dmt, &info) || !info.exists) {
+        /* libdevmapper reports a missing device as success with exists == 0. */
+        dm_task_destroy(dmt);
+        e->err = ENXIO;
+        snprintf(e->message, sizeof(e->message), "no such device-mapper device %s", name);
+        return NULL;
+    }
     *type = NULL;
     *params = NULL;
     *length = 0;

@@ -11,6 +11,7 @@ COMMANDS: dict[str, str] = {
     # "name": "module:click_command",
     "extract": "img_helper.cmd_extract:extract",
     "serve": "img_helper.cmd_serve:serve",
+    "pool": "img_helper.cmd_pool:pool",
 }
 
 

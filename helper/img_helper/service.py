@@ -18,7 +18,7 @@ from img_helper.record import QUARANTINED, Record
 DEFAULT_POOL = "img-pool"
 DEFAULT_STATE_DIR = Path("/var/lib/img-helper")
 
-__all__ = ["DEFAULT_POOL", "DEFAULT_STATE_DIR", "DeviceError", "Service"]
+__all__ = ["DEFAULT_POOL", "DEFAULT_STATE_DIR", "DeviceError", "Service", "pool_usage"]
 
 
 def pool_block_sectors(pool: str) -> int:
@@ -27,6 +27,18 @@ def pool_block_sectors(pool: str) -> int:
     if t.target_type != "thin-pool":
         raise DeviceError("invalid", f"{pool} is a {t.target_type} device, not a thin-pool", device=pool)
     return int(t.params.split()[2])
+
+
+def pool_usage(pool: str) -> dict[str, Any]:
+    """The pool's status (kernel's thin-pool status) with sizes in bytes. Raises dm.DmError."""
+    s = dm.pool_status(pool)
+    block = pool_block_sectors(pool)
+    return {"name": pool, **s.as_dict(), "data_block_sectors": block,
+            "data_used_bytes": s.used_data_blocks * block * 512,
+            "data_total_bytes": s.total_data_blocks * block * 512,
+            "metadata_used_bytes": s.used_metadata_blocks * 4096,
+            "metadata_total_bytes": s.total_metadata_blocks * 4096,
+            "no_space_mode": "error" if s.error_if_no_space else "queue"}
 
 
 class Service:
@@ -63,18 +75,11 @@ class Service:
 
     def status(self) -> dict[str, Any]:
         try:
-            s = dm.pool_status(self.pool)
-            block = pool_block_sectors(self.pool)
+            pool = pool_usage(self.pool)
         except dm.DmError as e:
             raise wrap_dm(e) from e
         from img_helper.native import native_version
 
-        pool = {"name": self.pool, **s.as_dict(), "data_block_sectors": block,
-                "data_used_bytes": s.used_data_blocks * block * 512,
-                "data_total_bytes": s.total_data_blocks * block * 512,
-                "metadata_used_bytes": s.used_metadata_blocks * 4096,
-                "metadata_total_bytes": s.total_metadata_blocks * 4096,
-                "no_space_mode": "error" if s.error_if_no_space else "queue"}
         rec = {"next_thin_id": self.record.next_thin_id(),
                "quarantined": [t.thin_id for t in self.record.thins(QUARANTINED)],
                "layers": len(self.record.layers()), "activations": len(self.record.activations())}

@@ -76,6 +76,9 @@ def test_errors_carry_message_and_print_nothing(thin_pool: ThinPool,
     assert exc.value.errno == errno.EINVAL and exc.value.message
     with pytest.raises(dm.DmNotFound):
         dm.message("img-no-such-pool", "create_thin 1")
+    for query in (dm.pool_status, dm.table, dm.status, dm.thin_status):
+        with pytest.raises(dm.DmNotFound):
+            query("img-no-such-device")
     with pytest.raises(dm.DmError):
         dm.create_thin(thin_pool.name, dm.MAX_THIN_ID + 1)
     out, err = capfd.readouterr()
