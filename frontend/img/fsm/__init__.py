@@ -86,7 +86,9 @@ Manager(db, *, workers=64, lease_ttl=15.0, queues={name: limit}, retry=RetryPoli
            live owner.  .reap_dead_owners() -> [owner ids] (resume() and the heartbeat call it).
     .owner (this manager's owner id), .store (FsmStore)
     .wait(version, timeout=None) -> response | raises RunFailed(.kind, .state, .error) / RunCancelled /
-           WaitTimeout / RunNotFound.  Works for runs executed by other processes (polls SQLite).
+           WaitTimeout / RunNotFound / ManagerClosed (this manager is shut down and nobody owns the run).
+           Works for runs executed by other processes (polls SQLite). The response is decoded into the
+           FSM's response type if that FSM is registered with this manager, else returned as plain JSON.
     .wait_by_id(run_id, *, action=None, type_name=None, timeout=None)
     .wait_children(parent, timeout=None) -> {child version: response} (newest run per child id; raises the
            first failure)
