@@ -150,6 +150,10 @@ def apply_layer(
 ) -> LayerStats:
     """Applies the layer blob `src` onto the directory `root_fd` (see the module docstring)."""
     limits = limits or Limits()
+    if src.offset < 0 or src.length < -1:
+        raise ValueError(f"bad byte range: offset {src.offset}, length {src.length}")
+    if any(getattr(limits, f.name) < 0 for f in fields(Limits)):
+        raise ValueError(f"negative limit in {limits}")
     expect = normalize_sha256(src.expect_sha256)
     c_limits = ffi.new("struct img_limits *", {f.name: getattr(limits, f.name) for f in fields(Limits)})
     c_stats = ffi.new("struct img_extract_stats *")

@@ -197,6 +197,22 @@ def test_hardlink_to_a_symlink_links_the_symlink_and_a_later_write_replaces_it(b
     assert box.tree() == {"s": f"symlink:{box.outside}/secret", "h": "file"}
 
 
+def test_file_over_a_hardlink_does_not_write_into_the_linked_inode(box: Sandbox) -> None:
+    applied(box, t.tar(t.file("etc/shadow", b"root:*:")),
+            t.tar(t.hardlink("h", "etc/shadow"), t.file("h", b"root::0:")))
+    assert (box.root / "etc/shadow").read_bytes() == b"root:*:"
+    assert (box.root / "h").read_bytes() == b"root::0:" and (box.root / "etc/shadow").stat().st_nlink == 1
+
+
+def test_hardlink_carrying_data_does_not_write_into_its_target(box: Sandbox) -> None:
+    data = b"root::0:0"
+    link_with_data = t.header("h", t.LNK, size=len(data), linkname="etc/shadow") + t.pad(data)
+    # pax archives may carry data on a hardlink (libarchive reads it then); ustar ones may not
+    applied(box, t.tar(t.file("etc/shadow", b"root:*:"), t.pax({"size": str(len(data))}), link_with_data))
+    assert (box.root / "etc/shadow").read_bytes() == b"root:*:"
+    assert (box.root / "h").stat().st_ino == (box.root / "etc/shadow").stat().st_ino
+
+
 def test_hardlink_to_the_root_is_refused(box: Sandbox) -> None:
     refused(box, "escape", t.tar(t.hardlink("h", "./")))
 
@@ -562,3 +578,16 @@ def test_cancel_from_the_progress_callback_stops_the_layer(box: Sandbox) -> None
         os.close(fd)
         os.close(root)
     assert len(box.tree()) < 5000
+
+
+def test_refusals_leak_no_file_descriptors(box: Sandbox) -> None:
+    attacks = [t.tar(t.file("../x")), t.tar(t.symlink("loop", "loop"), t.file("loop/x")),
+               t.tar(t.file("a/b/c", b"x"), t.whiteout("a", ".."), t.file("a/d")),
+               t.tar(t.file("f", b"x"), t.hardlink("f/h", "f")), t.tar(t.file("a", b"x" * 5000))[:2048],
+               t.gz(t.tar(t.file("a/b", b"x" * 100_000)))[:300], b"not a tar at all" * 64]
+    box.apply(t.tar(t.directory("a/"), t.file("a/keep", b"k")))
+    before = len(os.listdir("/proc/self/fd"))
+    for attack in attacks * 3:
+        with pytest.raises(ExtractError):
+            box.apply(attack)
+    assert len(os.listdir("/proc/self/fd")) == before
