@@ -44,6 +44,7 @@ class Result:
     engine: str
     target: str
     runs: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
     error: str | None = None
 
     @property
@@ -167,6 +168,7 @@ def bench_target(
                         log(f"{kind} {engine}: failed: {e}")
                         continue
                     res.runs.append(out["seconds"])
+                    res.cpu.append(out["cpu_seconds"])
                     entries = out.get("entries", entries)
                     log(f"{kind} {engine} run {i + 1}/{repeat}: {out['seconds']:.3f} s")
                     _clear(dest)
@@ -191,21 +193,30 @@ def report(
         "statistic": "median",
         "input_warmed_in_page_cache_bytes": warmed,
         "timing_includes_syncfs": True,
+        "load_average": os.getloadavg()[0],
         "whiteouts_applied_only_by": "ours",
         "targets": {},
     }
     for target, results in all_results.items():
         ours = results.get("ours")
         ours_t = ours.median if ours else None
+        ours_min = min(ours.runs) if ours and ours.runs else None
+        ours_cpu = statistics.median(ours.cpu) if ours and ours.cpu else None
         rows = {}
         for name, r in results.items():
             t = r.median
+            t_min = min(r.runs) if r.runs else None
+            cpu = statistics.median(r.cpu) if r.cpu else None
             rows[name] = {
                 "seconds": round(t, 4) if t else None,
+                "min_seconds": round(t_min, 4) if t_min else None,
+                "cpu_seconds": round(cpu, 4) if cpu else None,
                 "runs": [round(x, 4) for x in r.runs],
                 "mb_per_s": round(input_bytes / 1e6 / t, 1) if t else None,
                 "files_per_s": round(entries / t) if t and entries else None,
                 "ratio_to_ours": round(t / ours_t, 3) if t and ours_t else None,
+                "min_ratio_to_ours": round(t_min / ours_min, 3) if t_min and ours_min else None,
+                "cpu_ratio_to_ours": round(cpu / ours_cpu, 3) if cpu and ours_cpu else None,
                 "error": r.error,
             }
         out["targets"][target] = rows
@@ -216,20 +227,25 @@ def format_table(rep: dict[str, Any]) -> str:
     lines = [
         f"input: {rep['source']}: {rep['layers']} layers, {rep['input_bytes'] / 1e6:.1f} MB, "
         f"{rep['entries']} entries; median of {rep['repeat']}; input warmed in page cache "
-        f"({rep['input_warmed_in_page_cache_bytes'] / 1e6:.0f} MB read); times include one syncfs",
+        f"({rep['input_warmed_in_page_cache_bytes'] / 1e6:.0f} MB read); times include one syncfs; "
+        f"load average {rep['load_average']:.1f} (wall times are noisy when it exceeds the CPU count; see min and cpu)",
         "note: only ours applies OCI whiteouts; the others write .wh.* files (same work, wrong tree)",
     ]
     for target, rows in rep["targets"].items():
         lines.append("")
         lines.append(f"{target}:")
-        lines.append(f"  {'engine':<14}{'seconds':>9}{'MB/s':>9}{'files/s':>10}{'x ours':>9}")
+        lines.append(
+            f"  {'engine':<14}{'median s':>9}{'MB/s':>9}{'files/s':>10}{'x ours':>9}{'min s':>9}{'x ours':>9}"
+            f"{'cpu s':>9}{'x ours':>9}"
+        )
         for name, r in rows.items():
             if r["error"]:
                 lines.append(f"  {name:<14}  failed: {r['error']}")
                 continue
             lines.append(
                 f"  {name:<14}{r['seconds']:>9.3f}{r['mb_per_s']:>9.1f}{r['files_per_s'] or 0:>10}"
-                f"{r['ratio_to_ours']:>9.2f}"
+                f"{r['ratio_to_ours']:>9.2f}{r['min_seconds']:>9.3f}{r['min_ratio_to_ours']:>9.2f}"
+                f"{r['cpu_seconds'] or 0:>9.3f}{r['cpu_ratio_to_ours'] or 0:>9.2f}"
             )
     return "\n".join(lines)
 
