@@ -228,7 +228,7 @@ def format_table(rep: dict[str, Any]) -> str:
         f"input: {rep['source']}: {rep['layers']} layers, {rep['input_bytes'] / 1e6:.1f} MB, "
         f"{rep['entries']} entries; median of {rep['repeat']}; input warmed in page cache "
         f"({rep['input_warmed_in_page_cache_bytes'] / 1e6:.0f} MB read); times include one syncfs; "
-        f"load average {rep['load_average']:.1f} (wall times are noisy when it exceeds the CPU count; see min and cpu)",
+        f"load average {rep['load_average']:.1f} (noisy walls above the CPU count: see min, cpu)",
         "note: only ours applies OCI whiteouts; the others write .wh.* files (same work, wrong tree)",
     ]
     for target, rows in rep["targets"].items():
