@@ -261,6 +261,10 @@ def test_whiteout_through_a_symlinked_parent_stays_inside(box: Sandbox) -> None:
     assert not (box.root / str(box.outside).lstrip("/") / "secret").exists()
 
 
+def test_whiteout_under_a_symlink_loop_is_a_path_error(box: Sandbox) -> None:
+    refused(box, "path", t.tar(t.symlink("loop", "loop")), t.tar(t.whiteout("loop", "x")))
+
+
 def test_whiteout_of_a_symlink_removes_the_link_not_its_target(box: Sandbox) -> None:
     applied(box, t.tar(t.file("data/keep", b"k"), t.symlink("l", "/data"), t.symlink("o", str(box.outside))),
             t.tar(t.whiteout("", "l"), t.whiteout("", "o")))
@@ -349,6 +353,25 @@ def refused_any(box: Sandbox, *layers: bytes) -> ExtractError:
         box.apply(*layers)
     box.assert_untouched()
     return info.value
+
+
+def sparse_member(name: str, realsize: int, offset: int) -> bytes:
+    """A GNU sparse 1.0 member (pax): one 512-byte data region at offset, logical size realsize."""
+    meta = t.pax({"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": name,
+                  "GNU.sparse.realsize": str(realsize)})
+    body = t.pad(b"1\n%d\n512\n" % offset) + b"A" * 512
+    return meta + t.header(f"GNUSparseFile.0/{name}", t.REG, size=len(body)) + body
+
+
+def test_sparse_file_with_a_huge_logical_size_is_a_limit(box: Sandbox) -> None:
+    e = refused(box, "limit", t.tar(sparse_member("s", 1 << 50, 0)))
+    assert e.entry == "s"
+
+
+def test_sparse_map_pointing_beyond_the_file_is_corrupt(box: Sandbox) -> None:
+    e = refused(box, "corrupt", t.tar(sparse_member("s", 1024, 1 << 40)))
+    assert "beyond" in e.reason
+    assert not (box.root / "s").exists() or (box.root / "s").stat().st_size <= 1024
 
 
 def test_total_bytes_limit_names_the_entry(box: Sandbox) -> None:
