@@ -57,6 +57,7 @@ DEFAULT_VIRTUAL_BYTES = 10 << 30
 LAYER_NAME, LAYER_UUID = "img-layer-", "IMG-layer-"
 ACT_NAME, ACT_UUID = "img-act-", "IMG-act-"
 OUR_UUID_PREFIX = "IMG-"
+METADATA_SLACK_BYTES = 8 << 20  # ext4 metadata a layer writes besides its files
 MKFS_ARGS = ["mkfs.ext4", "-q", "-F", "-m", "0", "-E", "nodiscard,assume_storage_prezeroed=1"]
 
 _CHAIN_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
@@ -234,6 +235,20 @@ class Devices:
             self._remove_device(row.device, row.uuid)
         return self._create_device(row.device, row.uuid, row.thin_id, row.size_sectors, read_only=True)
 
+    def check_space(self, need_bytes: int) -> None:
+        """Refuses work the pool cannot take: a full (or failed) pool blocks or fails I/O mid-way.
+        `need_bytes` is the blob's size, a lower bound for an uncompressed layer."""
+        s = dm.pool_status(self.pool)
+        if s.fail or s.read_only or s.needs_check:
+            raise DeviceError("dm", "pool is failed, read-only or needs check", pool=self.pool)
+        block_bytes = s.length_sectors * 512 // max(1, s.total_data_blocks)
+        free = (s.total_data_blocks - s.used_data_blocks) * block_bytes
+        if s.out_of_data_space or free < need_bytes + METADATA_SLACK_BYTES:
+            raise DeviceError("no_space", f"pool {self.pool} has {free} bytes free, the layer needs more",
+                              pool=self.pool, free_bytes=free, need_bytes=need_bytes)
+        if s.used_metadata_blocks * 10 >= s.total_metadata_blocks * 9:
+            raise DeviceError("no_space", f"pool {self.pool} metadata is over 90% full", pool=self.pool)
+
     # --- layers -------------------------------------------------------------------------------------
 
     def ensure_layer(self, chain_id: str, parent_chain_id: str | None, blob_fd: int, offset: int, length: int,
@@ -275,6 +290,7 @@ class Devices:
                     raise DeviceError("not_found", "parent layer is not complete", chain_id=parent_chain_id)
                 self._ensure_layer_device(parent)
             self._owned_info(device, uuid)  # a foreign device with our name: refuse before any pool change
+            self.check_space(length)
             tid = self._pool_create("layer", chain_id, parent)
             sectors = parent.size_sectors if parent else self.virtual_sectors
             row = LayerRow(chain_id, parent_chain_id, tid, sectors, device, uuid, CREATING, sha_hex, None,

@@ -290,3 +290,23 @@ def test_status_reports_pool_usage(svc: Service, thin_pool: ThinPool, tmp_path: 
     assert errno.EEXIST  # keep import used for readers: errors are typed by errno
     live = [t for t in svc.record.thins() if t.state == LIVE]
     assert len(live) == 1
+
+
+def test_parallel_steps(svc: Service, thin_pool: ThinPool, tmp_path: Path) -> None:
+    """Different chains extract in parallel; the same chain twice at once is built once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    blobs = [write_blob(tmp_path, make_tar([("file", f"f{i}", os.urandom(100_000))])) for i in range(3)]
+
+    def one(b: Blob) -> dict:  # type: ignore[type-arg]
+        with open(b.path, "rb") as f:
+            return svc.ensure_layer(b.digest, None, f.fileno(), 0, b.size, b.sha256, None)
+
+    with ThreadPoolExecutor(6) as ex:
+        results = list(ex.map(one, [*blobs, *blobs]))
+    for i in range(len(blobs)):
+        pair = [results[i], results[i + 3]]
+        assert sorted(r["created"] for r in pair) == [False, True], pair
+        assert pair[0]["thin_id"] == pair[1]["thin_id"]
+    assert len(svc.record.thins()) == 3
+    assert len(our_devices()) == 3
