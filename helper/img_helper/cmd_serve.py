@@ -39,7 +39,10 @@ def take_instance_lock(state_dir: Path) -> int:
     kill -9 included). Returns the fd; raises AlreadyRunning."""
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = state_dir / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as e:  # ELOOP: a symlink planted there is never followed
+        raise ServeError(f"cannot open the instance lock {path}: {e.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

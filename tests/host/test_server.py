@@ -524,6 +524,33 @@ def test_second_instance_refused(workdir: Path) -> None:
         assert h.stop() == 0
 
 
+def test_missing_group_is_a_clear_error(workdir: Path) -> None:
+    h = HelperProc(workdir, group="no-such-group-img").start(expect_ready=False)
+    assert h.proc is not None and h.proc.wait(30) == 1
+    assert "group 'no-such-group-img' does not exist" in h.output()
+
+
+def test_non_socket_at_socket_path_is_not_replaced(workdir: Path) -> None:
+    victim = workdir / "run" / "helper.sock"
+    victim.parent.mkdir()
+    victim.write_text("precious")
+    h = HelperProc(workdir).start(expect_ready=False)
+    assert h.proc is not None and h.proc.wait(30) == 1
+    assert "exists and is not a socket" in h.output() and victim.read_text() == "precious"
+
+
+def test_symlinked_lock_file_attack(workdir: Path) -> None:
+    """The lock file is opened O_NOFOLLOW: a symlink planted in the state dir can't redirect it."""
+    state = workdir / "state"
+    state.mkdir(mode=0o700)
+    target = workdir / "target"
+    target.write_text("keep")
+    (state / "helper.lock").symlink_to(target)
+    h = HelperProc(workdir).start(expect_ready=False)
+    assert h.proc is not None and h.proc.wait(30) == 1
+    assert "cannot open the instance lock" in h.output() and target.read_text() == "keep"
+
+
 def test_kill9_then_restart(workdir: Path) -> None:
     h = start(workdir)
     os.kill(h.pid, 9)
