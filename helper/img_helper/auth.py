@@ -9,6 +9,8 @@ pid recycled during the check can't borrow the caller's authorization.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import select
 import socket
@@ -24,6 +26,7 @@ POLKIT_BUS_NAME = "org.freedesktop.PolicyKit1"
 POLKIT_PATH = "/org/freedesktop/PolicyKit1/Authority"
 POLKIT_IFACE = "org.freedesktop.PolicyKit1.Authority"
 ALLOW_USER_INTERACTION = 1
+_cancel_ids = itertools.count(1)
 
 
 class AuthError(Exception):
@@ -161,12 +164,21 @@ class PolkitAuthorizer:
         subject = ("unix-process", {"pid": ("u", peer.pid), "start-time": ("t", peer.start_time),
                                     "uid": ("i", peer.uid)})
         flags = ALLOW_USER_INTERACTION if interactive else 0
+        # an interactive check can wait on a human: give it an id so a timed-out one can be cancelled
+        cancel_id = f"img-helper-{os.getpid()}-{next(_cancel_ids)}" if interactive else ""
         msg = new_method_call(authority, "CheckAuthorization", "(sa{sv})sa{ss}us",
-                              (subject, action, {}, flags, ""))
+                              (subject, action, {}, flags, cancel_id))
         timeout = self.interactive_timeout if interactive else self.timeout
         try:
             with open_dbus_connection(bus=self.bus_address or "SYSTEM") as conn:
-                reply = conn.send_and_get_reply(msg, timeout=timeout)
+                try:
+                    reply = conn.send_and_get_reply(msg, timeout=timeout)
+                except TimeoutError:
+                    if cancel_id:
+                        cancel = new_method_call(authority, "CancelCheckAuthorization", "s", (cancel_id,))
+                        with contextlib.suppress(Exception):
+                            conn.send(cancel)
+                    raise
         except (OSError, TimeoutError, ValueError, KeyError, RuntimeError) as e:
             raise AuthError(POLKIT_UNAVAILABLE, f"cannot reach polkit on the system bus ({type(e).__name__}: "
                             f"{e}); non-root callers are denied until polkit runs") from None
