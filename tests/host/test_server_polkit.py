@@ -206,3 +206,70 @@ def test_polkit_unavailable_denies_non_root_serves_root(polkit: PolkitEnv, bus_w
     finally:
         assert h.stop() == 0
         subprocess.run(["rm", "-rf", str(d)], check=False)
+
+
+CHALLENGE_POLICY = Path("/usr/share/polkit-1/actions/io.github.img.test-challenge.policy")
+
+
+@pytest.fixture
+def challenge_action(polkit: PolkitEnv) -> Iterator[str]:
+    """A test-only action whose answer for anyone is "authenticate as admin" (a challenge)."""
+    CHALLENGE_POLICY.write_text("""<?xml version="1.0" encoding="UTF-8"?>
+<!DOCTYPE policyconfig PUBLIC "-//freedesktop//DTD PolicyKit Policy Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/PolicyKit/1/policyconfig.dtd">
+<policyconfig>
+  <action id="io.github.img.test-challenge">
+    <description>img test: always a challenge</description>
+    <message>img test</message>
+    <defaults><allow_any>auth_admin</allow_any><allow_inactive>auth_admin</allow_inactive>
+    <allow_active>auth_admin</allow_active></defaults>
+  </action>
+</policyconfig>
+""")
+    try:
+        import time
+
+        deadline = time.monotonic() + 30
+        while subprocess.run(["pkaction", "--action-id", "io.github.img.test-challenge"],
+                             capture_output=True).returncode != 0:  # polkitd reloads asynchronously
+            assert time.monotonic() < deadline, "polkitd did not load the test action"
+            time.sleep(0.1)
+        yield "test_challenge"
+    finally:
+        CHALLENGE_POLICY.unlink(missing_ok=True)
+
+
+def test_challenge_is_a_denial_unless_interaction_allowed(polkit: PolkitEnv, challenge_action: str) -> None:
+    import socket
+
+    from img_helper.auth import AuthError, PeerIdentity, PolkitAuthorizer, clock_ticks_now
+
+    d = Path(tempfile.mkdtemp(prefix="img-pk-", dir="/tmp"))
+    d.chmod(0o755)
+    path = d / "s"
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    path.chmod(0o777)
+    srv.listen(1)
+    code = f"import socket, time; s = socket.socket(socket.AF_UNIX); s.connect({str(path)!r}); time.sleep(30)"
+    proc = polkit.spawn_as(polkit.outsider, [sys.executable, "-c", code])  # not covered by 50-img.rules
+    try:
+        srv.settimeout(30)
+        conn, _ = srv.accept()
+        peer = PeerIdentity.of(conn, clock_ticks_now())
+        assert peer.uid == polkit.outsider.uid
+        raw = polkit.check(peer.pid, "io.github.img.test-challenge")
+        assert (raw.is_authorized, raw.is_challenge) == (False, True)  # what polkit itself answers
+        with pytest.raises(AuthError) as ei:
+            PolkitAuthorizer().authorize(peer, challenge_action, allow_interaction=False)
+        assert ei.value.code == "not-authorized" and "needs authentication" in ei.value.message
+        with pytest.raises(AuthError) as ei:  # interaction allowed, but no agent answers: still no
+            PolkitAuthorizer(interactive_timeout=20).authorize(peer, challenge_action, allow_interaction=True)
+        assert ei.value.code == "not-authorized"
+        peer.close()
+        conn.close()
+    finally:
+        proc.kill()
+        proc.wait()
+        srv.close()
+        subprocess.run(["rm", "-rf", str(d)], check=False)
