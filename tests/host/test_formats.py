@@ -580,7 +580,7 @@ import os, sys
 from img_helper.formats import detect_format
 fd = os.open(sys.argv[1], os.O_RDONLY)
 fmt = detect_format([fd])
-hwm = next(ln.split()[1] for ln in open("/proc/self/status") if ln.startswith("VmHWM:"))  # peak RSS of this exec
+hwm = next(ln.split()[1] for ln in open("/proc/self/status") if ln.startswith("VmHWM:"))  # this exec
 print(fmt, hwm)
 """
 
