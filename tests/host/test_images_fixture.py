@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from tests.fixtures.synth import (
     write_oci_layout,
 )
 from tests.fixtures.trees import assert_same_tree, diff_trees, read_spec, tree_spec
+from tests.images import build
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -153,6 +155,46 @@ def test_oci_archives_are_accepted_by_skopeo(real_images: RealImages, which: str
         for digest in info["Layers"]:
             blob = tar.extractfile(f"blobs/sha256/{digest.split(':')[1]}")
             assert blob is not None and blob.read(4).startswith(magic)
+
+
+def test_bucket_objects_follow_the_real_bucket_layout(real_images: RealImages) -> None:
+    objects = real_images.bucket_objects()
+    assert objects["images/gamma/10.tar"] == real_images.families["gamma"][9]
+    assert len(objects) == sum(len(v) for v in real_images.families.values())
+
+
+# ---------------------------------------------------------------- the cache
+
+
+def test_print_dir_names_the_cached_build(real_images: RealImages) -> None:
+    out = subprocess.run([sys.executable, "-m", "tests.images.build", "--print-dir"], check=True,
+                         capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    assert Path(out.stdout.strip()) == real_images.dir
+    assert real_images.dir.name == build.builder_hash()
+
+
+def test_interrupted_build_is_never_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMG_TEST_IMAGES_CACHE", str(tmp_path))
+    calls = []
+
+    def failing(self: build.Builder) -> None:
+        calls.append("fail")
+        (self.out / "images").mkdir()
+        raise build.BuildError("layer 2", "interrupted")
+
+    monkeypatch.setattr(build.Builder, "build", failing)
+    with pytest.raises(build.BuildError):
+        build.ensure_built()
+    assert [p.name for p in tmp_path.iterdir()] == [".lock"]  # no final dir, no temp dir left
+
+    def succeeding(self: build.Builder) -> None:
+        calls.append("ok")
+        (self.out / "manifest.json").write_text("{}")
+
+    monkeypatch.setattr(build.Builder, "build", succeeding)
+    first = build.ensure_built()
+    assert first == tmp_path / build.builder_hash() and (first / "manifest.json").exists()
+    assert build.ensure_built() == first and calls == ["fail", "ok"]  # cached: not built again
 
 
 # ---------------------------------------------------------------- synthetic images

@@ -188,6 +188,7 @@ class Builder:
         self.bundle = self.work / "bundle"
         self.debs: dict[str, Path] = {}
         self.versions: dict[str, str] = {}
+        self.base_versions: dict[str, str] = {}
         self.timings: dict[str, float] = {}
 
     # -- helpers
@@ -287,7 +288,8 @@ class Builder:
             **{k: {**v, "path": str(self.final / v["path"])} for k, v in archives.items()},
             "references": {k: str(self.final / v) for k, v in refs.items()},
             "source_specs": {f.name: str(self.final / "specs" / f"{f.name}.spec") for f in families},
-            "packages": self.versions,
+            "packages": self.versions,  # unpacked into layers 2+
+            "base_packages": self.base_versions,  # what mmdebstrap installed (the mirror is not pinned)
             "timings": self.timings,
             "sizes_mb": {d.name: _size_mb(d) for d in sorted(self.out.iterdir()) if d.is_dir()},
             "total_mb": _size_mb(self.out),  # images/ and layers/ are hardlinks of each other
@@ -324,6 +326,7 @@ class Builder:
         self.run("tar", "-C", self.rootfs, "--numeric-owner", "--xattrs", "--xattrs-include=*", "-xpf",
                  self.work / "minbase.tar", step="layer 1")
         (self.work / "minbase.tar").unlink()
+        self.base_versions = dpkg_versions(self.rootfs / "var/lib/dpkg/status")
         self.repack("common1", f"mmdebstrap --variant=minbase {SUITE}")
 
         # layer 2: install real packages
@@ -555,6 +558,16 @@ class Builder:
                      step=f"reference {fam.name}")
             refs[fam.name] = rel
         return refs
+
+
+def dpkg_versions(status: Path) -> dict[str, str]:
+    versions = {}
+    for stanza in status.read_text().split("\n\n"):
+        lines = [ln for ln in stanza.splitlines() if ": " in ln and not ln.startswith(" ")]
+        fields = dict(ln.split(": ", 1) for ln in lines)
+        if "Package" in fields and "Version" in fields:
+            versions[fields["Package"]] = fields["Version"]
+    return versions
 
 
 def _size_mb(path: Path) -> float:
