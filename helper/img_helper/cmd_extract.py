@@ -113,7 +113,7 @@ def extract(
         for p in sources:
             srcs.append(_open_source(p))
             fds.append(srcs[-1])
-        image = open_image(srcs, fmt, ref=ref)
+        image = open_image(srcs, fmt, ref=ref, allow_directory=True)
         image.source = " ".join(os.path.abspath(p) for p in sources)
         limits = None
         if max_entries is not None or max_total_bytes is not None:

@@ -552,13 +552,20 @@ def detect_format(fds: list[int], limits: ArchiveLimits = ArchiveLimits()) -> st
 
 
 def open_image(
-    fds: list[int], format: str = "auto", limits: ArchiveLimits = ArchiveLimits(), ref: str | None = None
+    fds: list[int],
+    format: str = "auto",
+    limits: ArchiveLimits = ArchiveLimits(),
+    ref: str | None = None,
+    allow_directory: bool = False,
 ) -> ImageSource:
     """Sniff (format="auto") or check the given format, and return the ordered layers. The fds stay owned by
     the caller, except those in `ImageSource.owned_fds` (OCI layout blobs; call close()).
 
     `ref` picks one image of an archive or layout holding several: an OCI `org.opencontainers.image.ref.name`
-    annotation, or a docker-archive RepoTag (`name:tag`, with or without a `docker.io/` prefix)."""
+    annotation, or a docker-archive RepoTag (`name:tag`, with or without a `docker.io/` prefix).
+
+    `allow_directory`: accept a directory fd (an OCI image layout). Only the offline CLI sets it: the daemon
+    must not open files, as root, relative to a directory a client handed over."""
     if format not in FORMATS:
         raise FormatError("format", format, f"unknown format (one of {', '.join(FORMATS)})")
     fmt = detect_format(fds, limits) if format == "auto" else format
@@ -568,6 +575,8 @@ def open_image(
         raise FormatError("format", fmt, "expects exactly one source")
     fd = fds[0]
     if fmt == "oci-layout":
+        if not allow_directory:
+            raise FormatError("format", _fd_desc(fd), "OCI layout directories are accepted offline only")
         return _open_oci_layout(fd, limits, ref)
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):

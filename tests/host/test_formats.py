@@ -445,7 +445,7 @@ def test_oci_layout_directory(tmp_path: Path, opened: list[int]) -> None:
     )
     (fd,) = _open(opened, d)
     assert detect_format([fd]) == "oci-layout"
-    img = open_image([fd])
+    img = open_image([fd], allow_directory=True)
     try:
         assert len(img.owned_fds) == 2
         assert [os.pread(la.source.fd, 1 << 20, 0) for la in img.layers] == blobs
@@ -462,8 +462,17 @@ def test_oci_layout_blob_symlink_not_followed(tmp_path: Path, opened: list[int])
     target.symlink_to(tmp_path / "elsewhere")
     (fd,) = _open(opened, d)
     with pytest.raises(FormatError) as ei:
-        open_image([fd])
+        open_image([fd], allow_directory=True)
     assert ei.value.code == "format"
+
+
+def test_oci_layout_directory_fd_refused_unless_offline(tmp_path: Path, opened: list[int]) -> None:
+    """The daemon gets fds from clients: a directory fd would make root open files relative to it."""
+    d = fb.oci_layout_dir(fb.oci_parts([fb.layer(1)]), tmp_path / "lay")
+    (fd,) = _open(opened, d)
+    with pytest.raises(FormatError) as ei:
+        open_image([fd])
+    assert ei.value.code == "format" and "offline" in ei.value.reason
 
 
 def test_oci_blob_digest_mismatch_manifest(tmp_path: Path, opened: list[int]) -> None:
