@@ -113,16 +113,25 @@ def run_serve(socket_path: Path, pool: str, group: str, state_dir: Path,
 
     lock_fd = take_instance_lock(state_dir)
     listener = activated_socket()
-    unlink_path = None
+    gid = None
     if listener is None:
         try:
             gid = grp.getgrnam(group).gr_gid
         except KeyError:
             raise ServeError(f"group {group!r} does not exist (systemd-sysusers creates it from "
                              "sysusers.d/img.conf; or: groupadd --system img)") from None
+    try:  # before binding: a pool that can't be served leaves no socket behind
+        service = service_factory(pool, state_dir)
+    except Exception as e:
+        if not isinstance(getattr(e, "code", None), str):
+            raise  # a bug: keep the traceback
+        raise ServeError(f"cannot serve pool {pool!r}: {e} (create it with `img-helper pool create`, "
+                         "or pass --pool)") from None
+    unlink_path = None
+    if listener is None:
+        assert gid is not None
         listener = bind_socket(socket_path, gid)
         unlink_path = str(socket_path)
-    service = service_factory(pool, state_dir)
     server = Server(listener, service, authorizer=authorizer, limits=limits, unlink_path=unlink_path)
     server.install_signal_handlers()
     where = socket_path if unlink_path else "the systemd socket"

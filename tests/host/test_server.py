@@ -524,6 +524,14 @@ def test_second_instance_refused(workdir: Path) -> None:
         assert h.stop() == 0
 
 
+def test_real_serve_without_a_pool_fails_clearly_and_leaves_no_socket(workdir: Path) -> None:
+    argv = [str(Path(PY).parent / "img-helper"), "serve", "--socket", str(workdir / "run/h.sock"),
+            "--state-dir", str(workdir / "state"), "--pool", "img-no-such-pool", "--group", "nogroup"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "cannot serve pool 'img-no-such-pool'" in r.stderr, r.stderr
+    assert not (workdir / "run").exists()
+
+
 def test_missing_group_is_a_clear_error(workdir: Path) -> None:
     h = HelperProc(workdir, group="no-such-group-img").start(expect_ready=False)
     assert h.proc is not None and h.proc.wait(30) == 1
