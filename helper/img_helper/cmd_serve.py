@@ -140,6 +140,9 @@ def run_serve(socket_path: Path, pool: str, group: str, state_dir: Path,
         server.serve_forever(on_ready=lambda: _notify(f"READY=1\nMAINPID={os.getpid()}"),
                              on_stopping=lambda: _notify("STOPPING=1"))
     finally:
+        close = getattr(service, "close", None)
+        if callable(close) and not server.unfinished:  # never pull the record from under a running step
+            close()
         os.close(lock_fd)
 
 

@@ -251,6 +251,7 @@ class Server:
         self.limits = limits or ServerLimits()
         self.unlink_path = unlink_path  # the socket path we bound (not when systemd owns it)
         self.stopping = threading.Event()
+        self.unfinished = 0  # threads still running when shutdown gave up waiting
         self._mu = threading.Lock()
         self._conns: dict[Connection, threading.Thread] = {}
         self._workers: set[threading.Thread] = set()
@@ -429,6 +430,7 @@ class Server:
             if not threads or time.monotonic() >= deadline:
                 break
             threads[0].join(timeout=min(0.2, max(0.0, deadline - time.monotonic())))
+        self.unfinished = len(threads)
         if threads:
             log.warning("shutdown: %d request(s) still running after %g s; exiting anyway",
                         len(threads), self.limits.shutdown_grace)
