@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -200,6 +201,13 @@ def env() -> Env:
 
 # -- helpers -----------------------------------------------------------------------------------------------
 
+def crash_point(name: str) -> None:
+    """Test hook: ``IMG_CRASH_AT=<name>`` kills this process with SIGKILL right here (kill -9 tests at every
+    FSM step, before its work and after its work but before the FSM has recorded it)."""
+    if os.environ.get("IMG_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _s3_failure(e: Exception) -> Exception:
     """S3 errors: what retrying cannot fix becomes Unrecoverable; the rest is retried by the FSM."""
     from img import s3
@@ -304,6 +312,7 @@ def blob_fetch(req: fsm.Request[BlobReq, BlobResp]) -> BlobResp:
             raise
         raise mapped from err
     e.reporter.finish(key, f"{label}: {'cached' if before == sha else 'done'} sha256:{sha[:12]}")
+    crash_point("blob:after")
     return BlobResp(sha256=sha, downloaded=before != sha)
 
 
@@ -348,6 +357,7 @@ def layer_ensure(req: fsm.Request[LayerReq, LayerResp]) -> LayerResp:
         e.reporter.finish(key)
     e.store.record_layer_device(m.chain_id, m.parent_chain_id, m.digest, res["device"], res.get("thin_id"),
                                 res.get("size"))
+    crash_point("layer:after")
     e.reporter.note(f"{label}: {'created' if res.get('created') else 'present'} {res['device']}")
     return LayerResp(m.chain_id, res["device"], res.get("thin_id"), bool(res.get("created")))
 
@@ -361,6 +371,7 @@ LAYER = (_layer.start("ensure", layer_ensure).end("done").build())
 # -- image: the parent run -------------------------------------------------------------------------------
 
 def image_resolve(req: fsm.Request[ImageReq, ImageResp]) -> ImageResp:
+    crash_point("resolve:before")
     from img import s3
     from img.refs import FamilyRef
 
@@ -382,6 +393,7 @@ def image_resolve(req: fsm.Request[ImageReq, ImageResp]) -> ImageResp:
 
 
 def image_download(req: fsm.Request[ImageReq, ImageResp]) -> ImageResp:
+    crash_point("download:before")
     from img.s3 import ObjectInfo
 
     assert req.w is not None
@@ -389,6 +401,7 @@ def image_download(req: fsm.Request[ImageReq, ImageResp]) -> ImageResp:
                              BlobReq(o.bucket, o.key, o.size, o.etag), queue=DOWNLOAD_QUEUE)
                 for o in req.w.objects]
     blobs = [_child_result(req, v).sha256 for v in versions]
+    crash_point("download:after")
     env().store.update_image(req.msg.ref, size=sum(o.size for o in req.w.objects))
     return replace(req.w, blobs=blobs)
 
@@ -403,6 +416,7 @@ def chain_ids(digests: list[str]) -> list[str]:
 
 
 def image_layers(req: fsm.Request[ImageReq, ImageResp]) -> ImageResp:
+    crash_point("layers:before")
     assert req.w is not None
     m, e = req.msg, env()
     ranges: list[tuple[str, int, int, str, str | None]] = []  # blob, offset, length, digest, source key
@@ -420,6 +434,7 @@ def image_layers(req: fsm.Request[ImageReq, ImageResp]) -> ImageResp:
     e.store.set_image_layers(m.ref, [ImageLayer(m.ref, la.position, la.blob_sha256, la.offset, la.length,
                                                 la.digest, la.chain_id, la.source_key) for la in layers])
     e.store.update_image(m.ref, format=fmt, chain_id=chains[-1], state="unpacking")
+    crash_point("layers:after")
     return replace(req.w, format=fmt, layers=layers, chain_id=chains[-1])
 
 
@@ -451,16 +466,19 @@ def _archive_layers(sha: str, key: str) -> tuple[str, list[tuple[str, int, int, 
 
 
 def image_unpack(req: fsm.Request[ImageReq, ImageResp]) -> ImageResp:
+    crash_point("unpack:before")
     assert req.w is not None
     for la in req.w.layers:  # bottom-up: each layer is a snapshot of the one below
         v = _start_child(req, LAYER, la.chain_id,
                          LayerReq(la.chain_id, la.parent_chain_id, la.blob_sha256, la.offset, la.length,
                                   la.digest))
         _child_result(req, v)
+    crash_point("unpack:after")
     return req.w
 
 
 def image_activate(req: fsm.Request[ImageReq, ImageResp]) -> ImageResp:
+    crash_point("activate:before")
     assert req.w is not None
     m, e = req.msg, env()
     top = req.w.chain_id
@@ -477,6 +495,7 @@ def image_activate(req: fsm.Request[ImageReq, ImageResp]) -> ImageResp:
     else:
         device, thin_id = current["device"], current.get("thin_id")
     e.store.record_activation(m.name, m.ref, top, device, thin_id)
+    crash_point("activate:after")
     return replace(req.w, device=device, thin_id=thin_id)
 
 

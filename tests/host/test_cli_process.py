@@ -204,3 +204,41 @@ def test_chain_ids_match_the_formats_contract() -> None:
     ds = ["sha256:" + hashlib.sha256(bytes([i])).hexdigest() for i in range(4)]
     assert chain_ids(ds) == formats.chain_ids(ds)
     assert isinstance(Config, type)
+
+
+CRASH_POINTS = ["resolve:before", "download:before", "blob:after", "download:after", "layers:before",
+                "layers:after", "unpack:before", "layer:after", "unpack:after", "activate:before",
+                "activate:after"]
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_kill_9_at_every_step_then_rerun_completes(point: str, env: dict[str, str],
+                                                   s3_faults: FaultProxy) -> None:
+    env = {**env, "AWS_ENDPOINT_URL": s3_faults.endpoint_url}
+    r = img({**env, "IMG_CRASH_AT": point}, "process", "alpha")
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
+    home = Path(env["IMG_HOME"])
+    db = sqlite3.connect(home / "img.db")
+    cached = {k for k, sha in db.execute("SELECT key, sha256 FROM blob_sources")
+              if (home / "blobs" / "sha256" / sha).exists()}
+    db.close()
+    seen = len(s3_faults.log)
+    r = img(env, "process", "alpha", "--json")
+    assert r.returncode == 0, r.stderr
+    again = [r.path.split("/", 2)[2] for r in s3_faults.log[seen:] if r.method == "GET" and "/images/" in r.path]
+    assert not cached & set(again)  # nothing that was downloaded before the kill is downloaded again
+    assert len(again) == len(set(again))
+    runs = json.loads(img(env, "runs", "--json").stdout)["runs"]
+    assert not [x for x in runs if x["active"]]
+    image_runs = [x for x in runs if x["action"] == "img-image"]
+    assert [x["status"] for x in image_runs] == ["succeeded"]  # the killed run itself was continued
+    listed = json.loads(img(env, "list", "--json").stdout)["images"]
+    assert [(i["state"], len(i["layers"]), [a["name"] for a in i["activations"]]) for i in listed] == \
+        [("ready", 3, ["alpha"])]
+
+
+def test_outsider_errors_say_what_to_do(env: dict[str, str], tmp_path: Path) -> None:
+    r = img({**env, "IMG_HOME": str(tmp_path / "h2")}, "runs")
+    assert r.returncode == 0 and "no runs" in r.stdout
+    r = img(env, "gc", "--dry-run")
+    assert r.returncode == 0
