@@ -225,7 +225,8 @@ def test_kill_9_at_every_step_then_rerun_completes(point: str, env: dict[str, st
     seen = len(s3_faults.log)
     r = img(env, "process", "alpha", "--json")
     assert r.returncode == 0, r.stderr
-    again = [r.path.split("/", 2)[2] for r in s3_faults.log[seen:] if r.method == "GET" and "/images/" in r.path]
+    again = [r.path.split("/", 2)[2] for r in s3_faults.log[seen:]
+             if r.method == "GET" and "/images/" in r.path]
     assert not cached & set(again)  # nothing that was downloaded before the kill is downloaded again
     assert len(again) == len(set(again))
     runs = json.loads(img(env, "runs", "--json").stdout)["runs"]
