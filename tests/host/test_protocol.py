@@ -271,3 +271,42 @@ def test_fds_split_across_sendmsgs_still_counted(pair: tuple[socket.socket, sock
     finally:
         os.close(r)
         os.close(w)
+
+
+def _mutations(rng: Any, obj: Any, depth: int = 0) -> Any:
+    """A randomly damaged copy of a request: types swapped, keys added/dropped, values replaced."""
+    junk = [None, True, False, 0, -1, 2**64, 1.5, float("inf"), "", "x" * 300, [], {}, [1, "a"], {"uid": 0},
+            "sha256:" + "0" * 64, "\0", "../", -(2**63)]
+    if isinstance(obj, dict) and depth < 3:
+        out = {k: _mutations(rng, v, depth + 1) if rng.random() < 0.3 else v for k, v in obj.items()}
+        if out and rng.random() < 0.2:
+            out.pop(rng.choice(list(out)))
+        if rng.random() < 0.2:
+            out[rng.choice(["uid", "pid", "x", "args", "verb", "v", "id"])] = rng.choice(junk)
+        return out
+    return rng.choice(junk) if rng.random() < 0.7 else obj
+
+
+def test_random_damaged_requests_only_raise_protocol_errors() -> None:
+    import random
+
+    rng = random.Random(1234)
+    seeds = [req("ensure_layer", ensure_args()), req("activate", {"chain_id": CHAIN, "name": "a"}),
+             req("deactivate", {"name": "a"}), req("delete_layer", {"chain_id": CHAIN2}), req("list")]
+    accepted = 0
+    for i in range(5000):
+        obj = _mutations(rng, seeds[i % len(seeds)])
+        try:
+            r = P.parse_request(obj, rng.choice([0, 1, 2]))
+        except P.ProtocolError as e:
+            assert e.code in ("bad-request", "unsupported-version") and isinstance(e.field, str)
+            continue
+        accepted += 1
+        # whatever got through is exactly what the schema allows
+        spec = P.VERBS[r.verb]
+        assert set(r.args) == set(spec.args)
+        for name, f in spec.args.items():
+            v = r.args[name]
+            want = int if f.kind in ("int", "fd") else str
+            assert (v is None and f.nullable) or type(v) is want
+    assert accepted > 0

@@ -111,6 +111,18 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def quiet_fd_count(pid: int) -> int:
+    """The helper's fd count once earlier connections have finished closing (two equal samples)."""
+    last = fd_count(pid)
+    for _ in range(50):
+        time.sleep(0.1)
+        now = fd_count(pid)
+        if now == last:
+            return now
+        last = now
+    return last
+
+
 def settles_to(pid: int, n: int, timeout: float = 5) -> bool:
     """The helper's fd count comes back to n (connection threads close asynchronously after EOF)."""
     deadline = time.monotonic() + timeout
@@ -224,6 +236,32 @@ def test_many_requests_on_one_connection(helper: HelperProc) -> None:
     assert [f["id"] for f in frames] == list(range(5)) and all(f["ok"] for f in frames)
 
 
+def test_random_frames_attack(helper: HelperProc) -> None:
+    """Hundreds of random and half-valid frames, some cut short: every one is answered or dropped, the
+    helper keeps serving and holds no extra fds afterwards."""
+    import random
+
+    rng = random.Random(99)
+    before = quiet_fd_count(helper.pid)
+    valid = frame({"v": 1, "id": 5, "verb": "deactivate", "args": {"name": "fuzz"}})
+    for i in range(150):
+        kind = i % 3
+        if kind == 0:
+            body = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64)))
+            data = struct.pack(">I", len(body)) + body
+        elif kind == 1:
+            b = bytearray(valid)
+            for _ in range(rng.randrange(1, 6)):
+                b[rng.randrange(4, len(b))] = rng.randrange(256)
+            data = bytes(b)
+        else:
+            data = valid[: rng.randrange(1, len(valid))]
+        frames = raw(helper, data)
+        assert all(isinstance(f, dict) and f.get("v") == 1 for f in frames)
+    still_serving(helper)
+    assert settles_to(helper.pid, before)
+
+
 # ---- schema attacks ------------------------------------------------------------------------------
 
 
@@ -267,7 +305,7 @@ def test_wrong_protocol_version_attack(helper: HelperProc) -> None:
 def test_too_many_fds_attack(helper: HelperProc, workdir: Path) -> None:
     path, sha = blob_file(workdir, b"x")
     fd = os.open(path, os.O_RDONLY)
-    before = fd_count(helper.pid)
+    before = quiet_fd_count(helper.pid)
     try:
         frames = raw(helper, frame({"v": 1, "id": 1, "verb": "ensure_layer", "args": ensure_args(sha)}),
                      fds=[fd] * (P.MAX_FDS + 1))
@@ -315,7 +353,7 @@ def _open_attack_fd(kind: str, workdir: Path) -> tuple[int, list[Any]]:
                                   "o_path"])
 def test_non_regular_or_writable_fd_attack(helper: HelperProc, workdir: Path, kind: str) -> None:
     fd, keep = _open_attack_fd(kind, workdir)
-    before = fd_count(helper.pid)
+    before = quiet_fd_count(helper.pid)
     try:
         with pytest.raises(BadFd) as ei:
             client(helper).call("ensure_layer", ensure_args("ab" * 32, "sha256:" + "ee" * 32), fds=[fd])
