@@ -628,3 +628,83 @@ def test_bomb_single_compressed_file_sniff_is_bounded(tmp_path: Path, kind: str)
     fmt, maxrss_kib = r.stdout.split()
     assert fmt == "layers"
     assert int(maxrss_kib) < 150_000, f"sniffing used {maxrss_kib} KiB"
+
+
+# ---------------------------------------------------------------------------------- nested indexes, refs
+
+
+def _nest(parts: dict[str, bytes], levels: int) -> dict[str, bytes]:
+    """Wrap index.json's manifest list in `levels` nested image indexes (as buildx writes multi-arch)."""
+    index = json.loads(parts["index.json"])
+    for _ in range(levels):
+        inner = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.index.v1+json",
+                "manifests": index["manifests"],
+            }
+        ).encode()
+        parts[f"blobs/sha256/{fb.sha(inner)}"] = inner
+        index["manifests"] = [
+            {
+                "mediaType": "application/vnd.oci.image.index.v1+json",
+                "digest": f"sha256:{fb.sha(inner)}",
+                "size": len(inner),
+            }
+        ]
+    parts["index.json"] = json.dumps(index).encode()
+    return parts
+
+
+def test_oci_nested_index_is_followed(tmp_path: Path, opened: list[int]) -> None:
+    parts = _nest(fb.oci_parts([fb.layer(1)]), 2)
+    assert len(_image(opened, tmp_path, fb.oci_archive(parts)).layers) == 1
+
+
+def test_oci_index_nesting_bomb_is_bounded(tmp_path: Path, opened: list[int]) -> None:
+    parts = _nest(fb.oci_parts([fb.layer(1)]), 5)
+    _reject(opened, tmp_path, fb.oci_archive(parts), "limit")
+
+
+def test_oci_nested_index_digest_mismatch(tmp_path: Path, opened: list[int]) -> None:
+    parts = _nest(fb.oci_parts([fb.layer(1)]), 1)
+    inner = next(n for n, b in parts.items() if n.startswith("blobs/") and b"image.index" in b)
+    parts[inner] = parts[inner].replace(b'"schemaVersion": 2', b'"schemaVersion": 3')
+    _reject(opened, tmp_path, fb.oci_archive(parts), "digest")
+
+
+def test_oci_ref_selects_a_tagged_manifest(tmp_path: Path, opened: list[int]) -> None:
+    a, b = fb.oci_parts([fb.layer(1)]), fb.oci_parts([fb.layer(2), fb.layer(3)])
+    ia, ib = json.loads(a["index.json"]), json.loads(b["index.json"])
+    ia["manifests"][0]["annotations"] = {"org.opencontainers.image.ref.name": "one"}
+    ib["manifests"][0]["annotations"] = {"org.opencontainers.image.ref.name": "two"}
+    parts = {
+        **a,
+        **b,
+        "index.json": json.dumps(
+            {"schemaVersion": 2, "manifests": ia["manifests"] + ib["manifests"]}
+        ).encode(),
+    }
+    (fd,) = _open(opened, fb.write(tmp_path / "multi.tar", fb.oci_archive(parts)))
+    assert len(open_image([fd], ref="two").layers) == 2
+    assert len(open_image([fd], ref="one").layers) == 1
+    with pytest.raises(FormatError) as ei:
+        open_image([fd], ref="three")
+    assert ei.value.code == "missing"
+
+
+def test_docker_archive_ref_selects_by_repo_tag(tmp_path: Path, opened: list[int]) -> None:
+    layers = [fb.layer(1)]
+    config = fb.config_for(layers)
+    manifest = [
+        {"Config": "c.json", "RepoTags": ["docker.io/library/a:1"], "Layers": ["l.tar"]},
+        {"Config": "c.json", "RepoTags": ["b:2"], "Layers": ["l.tar", "l.tar"]},
+    ]
+    data = fb.archive(
+        [("c.json", config), ("l.tar", layers[0]), ("manifest.json", json.dumps(manifest).encode())]
+    )
+    (fd,) = _open(opened, fb.write(tmp_path / "multi.tar", data))
+    with pytest.raises(FormatError) as ei:
+        open_image([fd], "docker-archive")
+    assert ei.value.code == "format"  # two images: which one is ambiguous
+    assert len(open_image([fd], ref="library/a:1").layers) == 1
