@@ -214,6 +214,8 @@ CHALLENGE_POLICY = Path("/usr/share/polkit-1/actions/io.github.img.test-challeng
 @pytest.fixture
 def challenge_action(polkit: PolkitEnv) -> Iterator[str]:
     """A test-only action whose answer for anyone is "authenticate as admin" (a challenge)."""
+    if os.environ.get("IMG_IN_VM"):
+        pytest.skip("hostfs has no inotify: the guest's polkitd never sees an action added after it started")
     CHALLENGE_POLICY.write_text("""<?xml version="1.0" encoding="UTF-8"?>
 <!DOCTYPE policyconfig PUBLIC "-//freedesktop//DTD PolicyKit Policy Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/PolicyKit/1/policyconfig.dtd">
