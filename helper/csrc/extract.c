@@ -232,6 +232,8 @@ struct dir_time {
     struct timespec ts[2];
 };
 
+struct inflater;
+
 struct xctx {
     int root; /* our own O_RDONLY dirfd of the root */
     int src;
@@ -271,6 +273,7 @@ struct xctx {
     mode_t umask; /* NO_UMASK if unknown */
 
     struct wset layer;
+    struct inflater *inf; /* compressed blobs: decompression runs on its own thread */
     struct dir_time *dirs;
     size_t ndirs, capdirs;
 };
@@ -355,7 +358,8 @@ static la_ssize_t blob_read(struct archive *a, void *cd, const void **out)
     }
     hasher_submit(&x->h, (size_t)n);
     x->pos += (uint64_t)n;
-    x->st->blob_bytes += (uint64_t)n;
+    /* the inflater thread reads while the main thread may report progress */
+    __atomic_fetch_add(&x->st->blob_bytes, (uint64_t)n, __ATOMIC_RELAXED);
     *out = buf;
     return n;
 }
@@ -1104,17 +1108,181 @@ static int drain(struct xctx *x)
     }
 }
 
+/* ---------- gzip/zstd blobs: a second libarchive reader (raw format: decompression only) on its own
+ * thread feeds the tar reader decompressed blocks, so inflating overlaps with writing files. ---------- */
+
+#define INF_BLOCK (1u << 20)
+#define INF_NBUF 4
+
+struct inflater {
+    struct xctx *x;
+    struct archive *raw;
+    pthread_t thread;
+    int running;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    unsigned char *buf[INF_NBUF];
+    size_t len[INF_NBUF];
+    uint64_t produced, released; /* blocks made / given back by the tar reader; block i in buf[i % N] */
+    int holding;                 /* the tar reader still uses block `released` */
+    int done, failed, stop;
+    int err;
+    char msg[256];
+    la_int64_t consumed; /* compressed bytes the decompressor used: the rest of the blob is trailing */
+};
+
+static void *inflater_main(void *arg)
+{
+    struct inflater *f = arg;
+    struct archive_entry *e;
+    int failed = 0;
+    if (archive_read_next_header(f->raw, &e) != ARCHIVE_OK)
+        failed = 1;
+    while (!failed) {
+        pthread_mutex_lock(&f->mu);
+        while (f->produced - f->released >= INF_NBUF && !f->stop)
+            pthread_cond_wait(&f->cv, &f->mu);
+        int stop = f->stop;
+        size_t i = f->produced % INF_NBUF;
+        pthread_mutex_unlock(&f->mu);
+        if (stop)
+            break;
+        la_ssize_t n = archive_read_data(f->raw, f->buf[i], INF_BLOCK);
+        if (n < 0) {
+            failed = 1;
+            break;
+        }
+        if (n == 0)
+            break;
+        pthread_mutex_lock(&f->mu);
+        f->len[i] = (size_t)n;
+        f->produced++;
+        pthread_cond_broadcast(&f->cv);
+        pthread_mutex_unlock(&f->mu);
+    }
+    f->consumed = archive_filter_bytes(f->raw, -1);
+    pthread_mutex_lock(&f->mu);
+    if (failed) {
+        const char *m = archive_error_string(f->raw);
+        snprintf(f->msg, sizeof(f->msg), "%s", m ? m : "decompression failed");
+        f->err = archive_errno(f->raw);
+        f->failed = 1;
+    }
+    f->done = 1;
+    pthread_cond_broadcast(&f->cv);
+    pthread_mutex_unlock(&f->mu);
+    return NULL;
+}
+
+/* The tar reader's read callback in the compressed case. */
+static la_ssize_t inflated_read(struct archive *a, void *cd, const void **out)
+{
+    struct inflater *f = ((struct xctx *)cd)->inf;
+    la_ssize_t n = 0;
+    pthread_mutex_lock(&f->mu);
+    if (f->holding) { /* libarchive is done with the block it had */
+        f->released++;
+        f->holding = 0;
+        pthread_cond_broadcast(&f->cv);
+    }
+    while (f->produced == f->released && !f->done)
+        pthread_cond_wait(&f->cv, &f->mu);
+    if (f->produced > f->released) {
+        size_t i = f->released % INF_NBUF;
+        *out = f->buf[i];
+        n = (la_ssize_t)f->len[i];
+        f->holding = 1;
+    } else if (f->failed) {
+        archive_set_error(a, f->err ? f->err : EILSEQ, "%s", f->msg);
+        n = -1;
+    }
+    pthread_mutex_unlock(&f->mu);
+    return n;
+}
+
+static void inflater_stop(struct inflater *f)
+{
+    if (!f || !f->running)
+        return;
+    pthread_mutex_lock(&f->mu);
+    f->stop = 1;
+    pthread_cond_broadcast(&f->cv);
+    pthread_mutex_unlock(&f->mu);
+    pthread_join(f->thread, NULL);
+    f->running = 0;
+}
+
+static void inflater_free(struct inflater *f)
+{
+    if (!f)
+        return;
+    inflater_stop(f);
+    if (f->raw)
+        archive_read_free(f->raw);
+    for (int i = 0; i < INF_NBUF; i++)
+        free(f->buf[i]);
+    pthread_mutex_destroy(&f->mu);
+    pthread_cond_destroy(&f->cv);
+    free(f);
+}
+
+/* gzip or zstd magic at the start of the range. */
+static int looks_compressed(struct xctx *x)
+{
+    unsigned char m[4];
+    size_t want = sizeof(m);
+    if (!x->to_eof && x->end - x->pos < want)
+        want = (size_t)(x->end - x->pos);
+    ssize_t n = pread(x->src, m, want, (off_t)x->pos);
+    if (n >= 2 && m[0] == 0x1f && m[1] == 0x8b)
+        return 1;
+    return n >= 4 && m[0] == 0x28 && m[1] == 0xb5 && m[2] == 0x2f && m[3] == 0xfd;
+}
+
+static int start_inflater(struct xctx *x)
+{
+    struct inflater *f = calloc(1, sizeof(*f));
+    if (!f)
+        return fail(x, "io", ENOMEM, "inflater");
+    pthread_mutex_init(&f->mu, NULL);
+    pthread_cond_init(&f->cv, NULL);
+    f->x = x;
+    x->inf = f;
+    for (int i = 0; i < INF_NBUF; i++)
+        if (!(f->buf[i] = malloc(INF_BLOCK)))
+            return fail(x, "io", ENOMEM, "inflater buffers");
+    f->raw = archive_read_new();
+    if (!f->raw)
+        return fail(x, "io", ENOMEM, "archive_read_new");
+    /* ARCHIVE_WARN here would mean "through an external program": refuse that. */
+    if (archive_read_support_format_raw(f->raw) != ARCHIVE_OK ||
+        archive_read_support_filter_gzip(f->raw) != ARCHIVE_OK ||
+        archive_read_support_filter_zstd(f->raw) != ARCHIVE_OK)
+        return fail(x, "format", 0, "libarchive lacks built-in gzip/zstd support");
+    if (archive_read_open2(f->raw, x, NULL, blob_read, NULL, NULL) != ARCHIVE_OK) {
+        if (x->read_errno)
+            return fail(x, "io", x->read_errno, "reading the blob");
+        const char *m = archive_error_string(f->raw);
+        return fail(x, x->short_blob ? "corrupt" : "format", 0, "%s", m ? m : "unreadable compressed blob");
+    }
+    if (pthread_create(&f->thread, NULL, inflater_main, f) != 0)
+        return fail(x, "io", EAGAIN, "starting the inflater thread");
+    f->running = 1;
+    return 0;
+}
+
 static int setup_reader(struct xctx *x)
 {
+    int compressed = looks_compressed(x);
+    if (compressed && start_inflater(x) < 0)
+        return -1;
     x->a = archive_read_new();
     if (!x->a)
         return fail(x, "io", ENOMEM, "archive_read_new");
-    /* ARCHIVE_WARN here would mean "through an external program": refuse that. */
-    if (archive_read_support_format_tar(x->a) != ARCHIVE_OK ||
-        archive_read_support_filter_gzip(x->a) != ARCHIVE_OK ||
-        archive_read_support_filter_zstd(x->a) != ARCHIVE_OK)
-        return fail(x, "format", 0, "libarchive lacks built-in tar/gzip/zstd support");
-    if (archive_read_open2(x->a, x, NULL, blob_read, NULL, NULL) != ARCHIVE_OK)
+    /* Tar only: gzip/zstd were peeled off by the inflater. ARCHIVE_WARN would mean an external program. */
+    if (archive_read_support_format_tar(x->a) != ARCHIVE_OK)
+        return fail(x, "format", 0, "libarchive lacks tar support");
+    if (archive_read_open2(x->a, x, NULL, compressed ? inflated_read : blob_read, NULL, NULL) != ARCHIVE_OK)
         return header_error(x, ARCHIVE_FATAL);
     return 0;
 }
@@ -1148,6 +1316,12 @@ static int run(struct xctx *x, const char *expect)
     x->cur = NULL;
     fix_dir_times(x);
     la_int64_t consumed = archive_filter_bytes(x->a, -1);
+    if (x->inf) {
+        /* The tar ended: what was not inflated yet is trailing data, never decompressed (it could be a
+         * bomb), only hashed. How far the inflater had read ahead varies: trailing_bytes is approximate. */
+        inflater_stop(x->inf);
+        consumed = x->inf->consumed;
+    }
     if (drain(x) < 0)
         return -1;
     if (consumed >= 0 && x->st->blob_bytes > (uint64_t)consumed)
@@ -1226,8 +1400,10 @@ int img_apply_layer(int root_fd, int src_fd, int64_t offset, int64_t length, con
     else
         rc = run(&x, expect_sha256);
 
+    inflater_stop(x.inf); /* before anything it uses goes away */
     if (x.a)
         archive_read_free(x.a);
+    inflater_free(x.inf);
     if (x.cache_fd >= 0)
         close(x.cache_fd);
     if (x.root >= 0)

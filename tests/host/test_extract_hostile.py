@@ -471,6 +471,26 @@ def test_corrupt_gzip_stream_is_refused(box: Sandbox) -> None:
     refused(box, "corrupt", bytes(blob))
 
 
+def test_truncated_gzip_stream_is_corrupt(box: Sandbox) -> None:
+    blob = t.gz(t.tar(*(t.file(f"f{i}", b"text %d\n" % i * 3000) for i in range(20))))
+    refused(box, "corrupt", blob[: len(blob) // 2])
+
+
+def test_corrupt_zstd_stream_is_refused(box: Sandbox) -> None:
+    blob = bytearray(t.zst(t.tar(*(t.file(f"f{i}", b"text %d\n" % i * 3000) for i in range(20)))))
+    blob[len(blob) // 2] ^= 0xFF
+    refused(box, "corrupt", bytes(blob))
+
+
+def test_compressed_garbage_after_the_tar_end_is_hashed_never_inflated(box: Sandbox) -> None:
+    """A gzip bomb after the end marker: the tar is complete, the rest is only hashed."""
+    import hashlib
+
+    blob = t.gz(t.tar(t.file("a", b"x")) + bytes(64 << 20)) + b"garbage"
+    [st] = box.apply(blob, expect=[hashlib.sha256(blob).hexdigest()])
+    assert box.tree() == {"a": "file"} and st.blob_bytes == len(blob) and st.trailing_bytes > 0
+
+
 def test_corrupt_gzip_stored_block_is_caught_by_the_digest(box: Sandbox) -> None:
     """libarchive does not check the gzip CRC: a flipped byte in a stored (incompressible) block decodes
     to different content. The layer digest is what catches it."""

@@ -148,5 +148,6 @@ def gz(data: bytes) -> bytes:
     return buf.getvalue()
 
 
-def zst(data: bytes) -> bytes:
-    return zstandard.ZstdCompressor().compress(data)
+def zst(data: bytes, checksum: bool = True) -> bytes:
+    """zstd with a content checksum, as the zstd CLI writes by default."""
+    return zstandard.ZstdCompressor(write_checksum=checksum).compress(data)
