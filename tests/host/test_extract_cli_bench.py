@@ -44,8 +44,8 @@ def test_bench_extract_json_report_on_tmpfs_and_ext4(tmp_path: Path) -> None:
             assert row["seconds"] > 0 and row["mb_per_s"] > 0 and row["files_per_s"] > 0
         assert rows["ours"]["ratio_to_ours"] == 1.0
     mounts = Path("/proc/self/mounts").read_text()
-    assert "img-bench" not in mounts
-    assert "img-bench" not in _loops()
+    assert "/img-bench-" not in mounts
+    assert "/img-bench-" not in _loops()
 
 
 def test_bench_extract_table_and_engine_choice(tmp_path: Path) -> None:
