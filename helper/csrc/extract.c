@@ -24,7 +24,7 @@
 
 #define READ_BLOCK (1u << 20)
 #define NBUF 4 /* read buffers in flight: libarchive parses one while the hasher thread digests others */
-#define MAX_REMOVE_DEPTH 4096
+#define MAX_REMOVE_DEPTH 1024 /* levels of a tree removed by a whiteout or a replacement: fds and stack */
 #define PATH_LIMIT_CAP (1u << 20) /* no limit configuration may make us allocate more per path */
 #define NO_SGID ((gid_t)-1)
 #define NO_UMASK ((mode_t)-1)

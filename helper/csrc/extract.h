@@ -6,8 +6,10 @@
  *
  * Policies (see helper/img_helper/extract.py for the long form):
  *  - formats: tar only (ustar, pax, GNU, v7); filters: none, gzip, zstd (built-in, never external programs).
- *  - the SHA-256 covers every byte of the range, including bytes after the tar end marker ("trailing");
- *    a range shorter than its declared length is "corrupt".
+ *  - the SHA-256 covers every byte of the range, including bytes after the tar end marker ("trailing",
+ *    hashed but never parsed or decompressed); a range shorter than its declared length is "corrupt".
+ *  - gzip/zstd blobs are inflated on a second thread by a raw-format reader; SHA-256 runs on a third.
+ *    libarchive does not check the gzip CRC: the digest is what authenticates the content.
  *  - device nodes: only the OCI runtime default character devices (null, zero, full, random, urandom,
  *    tty, console, ptmx) are created, and only as root; other devices are skipped and counted.
  *  - xattrs: user.* and security.capability are applied; other namespaces are dropped and counted;
@@ -55,7 +57,7 @@ struct img_extract_stats {
     uint64_t xattrs_dropped;
     uint64_t bytes;          /* file content bytes written */
     uint64_t blob_bytes;     /* blob bytes read (and hashed) */
-    uint64_t trailing_bytes; /* blob bytes after the end of the tar stream */
+    uint64_t trailing_bytes; /* blob bytes the readers left after the tar end (compressed: approximate) */
     char blob_sha256[65];
 };
 

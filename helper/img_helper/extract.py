@@ -4,10 +4,13 @@ Policies:
 - Input: bytes [offset, offset+length) of a file descriptor, read with pread (several layers may share one
   archive fd). Tar only (ustar, pax, GNU); compression none, gzip or zstd, sniffed from content.
 - Digest: SHA-256 over every byte of the range, including bytes after the tar end marker (GNU tar pads
-  to 10 KiB records; they are counted in `trailing_bytes`, never extracted). A range shorter than its
-  declared length is "corrupt"; a mismatch with `expect_sha256` is "digest". The check completes after
-  the content is written: on ANY error the root holds a partial layer and must be discarded; nothing
-  outside the root is ever touched.
+  to 10 KiB records): those are hashed, never parsed nor decompressed, and counted in `trailing_bytes`
+  (approximately for compressed blobs). A range shorter than its declared length is "corrupt"; a
+  mismatch with `expect_sha256` is "digest". libarchive does not verify the gzip CRC, so for gzip the
+  digest is the integrity check. The check completes after the content is written: on ANY error the
+  root holds a partial layer and must be discarded; nothing outside the root is ever touched.
+- Threads: SHA-256 runs on a second thread; gzip/zstd are inflated on a third (a raw-format libarchive
+  reader feeding the tar reader), so hashing and inflating overlap with writing files.
 - Confinement: every path resolves in the root (openat2 RESOLVE_IN_ROOT|RESOLVE_NO_MAGICLINKS|
   RESOLVE_NO_XDEV); symlinks in parent paths are followed *inside* the root (absolute ones too), the
   final component is never followed. A ".." component is refused ("escape"), as is a non-directory
