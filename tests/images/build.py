@@ -133,6 +133,9 @@ def ensure_built(force: bool = False, log: Callable[[str], None] | None = None) 
             return final
         if os.geteuid() != 0:
             raise BuildError("start", "building the images needs root (mmdebstrap, chown, umoci unpack)")
+        if os.environ.get("IMG_IN_VM"):
+            # the user-mode-linux guest has no network, and its file locks do not reach the host
+            raise BuildError("start", f"{final} is not built: run `make fixtures` on the host first")
         _prune(root, keep=digest)
         tmp = root / f".tmp-{digest}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -148,12 +151,14 @@ def ensure_built(force: bool = False, log: Callable[[str], None] | None = None) 
 
 
 def _prune(root: Path, keep: str) -> None:
-    """Removes interrupted builds and builds of older builder versions unused for a day."""
+    """Removes interrupted builds (after two hours) and builds of older builder versions unused for a day."""
     for d in root.iterdir():
         if not d.is_dir() or d.name == keep:
             continue
         if d.name.startswith(".tmp-"):
-            shutil.rmtree(d, ignore_errors=True)  # we hold the lock: no build is running
+            # the lock keeps out builds on this host, not ones in a VM sharing the directory: age decides
+            if time.time() - d.stat().st_mtime > 7200:
+                shutil.rmtree(d, ignore_errors=True)
             continue
         marker = d / ".last-used" if (d / ".last-used").exists() else d / "manifest.json"
         try:
@@ -194,12 +199,21 @@ class Builder:
     # -- helpers
 
     def run(self, *args: str | Path, step: str, env: dict[str, str] | None = None) -> str:
-        p = subprocess.run([str(a) for a in args], capture_output=True, text=True,
-                           env={**os.environ, **(env or {})})
+        with subprocess.Popen([str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, **(env or {})}) as p:
+            try:
+                out, err = p.communicate()
+            except BaseException:
+                p.terminate()  # interrupted: let the tool clean up (mmdebstrap unmounts its chroot)
+                try:
+                    p.communicate(timeout=120)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                raise
         if p.returncode != 0:
-            tail = (p.stderr or p.stdout)[-3000:]
+            tail = (err or out)[-3000:]
             raise BuildError(step, f"{args[0]} exited {p.returncode}: {tail}")
-        return p.stdout
+        return out
 
     @contextmanager
     def timed(self, step: str) -> Iterator[None]:
