@@ -66,3 +66,9 @@ def test_bench_extract_unknown_engine_is_usage_error(tmp_path: Path) -> None:
         [IMG, "bench", "extract", "--engine", "nope", str(l1)], capture_output=True, text=True, timeout=60
     )
     assert r.returncode == 2 and "unknown engine" in r.stderr
+
+
+def test_bench_extract_refuses_an_archive(tmp_path: Path) -> None:
+    a = fb.write(tmp_path / "img.tar", fb.docker_archive([fb.layer(1)]))
+    r = subprocess.run([IMG, "bench", "extract", str(a)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "docker-archive" in r.stderr and "layer files" in r.stderr

@@ -250,6 +250,24 @@ def format_table(rep: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def check_layer_files(sources: list[Path]) -> None:
+    """The tar engines take layer files only: refuse archives up front instead of timing nonsense."""
+    from img_helper.formats import FormatError, detect_format
+
+    fds = [os.open(p, os.O_RDONLY) for p in sources]
+    try:
+        fmt = detect_format(fds)
+    except FormatError as e:
+        raise BenchError(f"not layer files: {e}") from None
+    finally:
+        for fd in fds:
+            os.close(fd)
+    if fmt != "layers":
+        raise BenchError(
+            f"{sources[0]} is a {fmt}: the bench takes ordered layer files (a bucket-style family)"
+        )
+
+
 def run_bench(
     sources: list[Path], label: str, targets: list[str], engines: list[str], repeat: int, log: Any
 ) -> dict[str, Any]:
@@ -258,6 +276,7 @@ def run_bench(
     missing = [t for t in ("bsdtar", "tar", "unshare", "mkfs.ext4", "losetup") if not shutil.which(t)]
     if missing:
         raise BenchError(f"missing tools: {', '.join(missing)}")
+    check_layer_files(sources)
     t0 = time.monotonic()
     warmed = warm(sources)
     all_results: dict[str, dict[str, Result]] = {}
