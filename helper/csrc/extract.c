@@ -466,8 +466,6 @@ static int make_parents(struct xctx *x, char *path, size_t len)
     return prev;
 }
 
-/* The dirfd of the parent of x->norm (whose last '/' is at slash, or none). create: make missing
- * parents. Returns the fd (owned by the cache or the root) or -1; with !create, -2 when it is absent. */
 /* A directory's inode (the whiteout set's key) and the group its new files inherit if it is setgid. */
 static int dir_info(int fd, uint64_t *ino, gid_t *sgid)
 {
@@ -479,6 +477,9 @@ static int dir_info(int fd, uint64_t *ino, gid_t *sgid)
     return 0;
 }
 
+/* The dirfd of x->norm's first plen bytes (the parent of the current entry), resolved in the root.
+ * create: make missing parents. Returns the fd (owned by the cache or the root) or -1; with !create,
+ * -2 when it is absent. Sets parent_ino and parent_sgid. */
 static int open_parent(struct xctx *x, size_t plen, int create)
 {
     if (plen == 0) {
