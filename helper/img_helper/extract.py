@@ -32,6 +32,9 @@ Policies:
 - Names: bytes as archived; newline is legal. A NUL ends a name (libarchive yields C strings). pax names
   must be valid UTF-8; a libarchive warning (ignored pax header, unconvertible name) is "corrupt".
 - No fsync per file: call `syncfs(root_fd)` once after the last layer.
+- Privileges: meant to run as root (the helper). As another user, ownership is not applied, device nodes
+  are skipped, and a directory archived without owner write permission cannot receive later children.
+- The fd must support pread (a regular file or memfd); several LayerSources may share one fd.
 """
 
 from __future__ import annotations
