@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "gc": "img.cli_gc:gc",
     "daemon": "img.cli_daemon:daemon",
     "status": "img.cli_status:status",
+    "tui": "img.tui:tui",
 }
 
 

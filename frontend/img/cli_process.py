@@ -6,7 +6,7 @@ import os
 
 import click
 
-from img.cli_common import EXIT_USAGE, config_from, die, emit_json, json_option, s3_options
+from img.cli_common import EXIT_HELPER, EXIT_USAGE, config_from, die, emit_json, json_option, s3_options
 
 
 def result_dict(ref: str, name: str, chain_id: str, device: str, changed: bool, layers: int = 0,
@@ -47,6 +47,7 @@ def process(ref: str, name: str | None, quiet: bool, json_out: bool, bucket: str
             click.echo(f"{name}: active at {act.device} (already up to date)")
         return
 
+    _preflight(cfg.helper_socket)
     from img.progress import for_output
     from img.workflows import Runner, WorkflowError
 
@@ -69,6 +70,17 @@ def process(ref: str, name: str | None, quiet: bool, json_out: bool, bucket: str
     else:
         click.echo(f"{name}: active at {resp.device} ({len(resp.layers)} layers, {resp.format}, "
                    f"chain {resp.chain_id[:19]})")
+
+
+def _preflight(socket_path: str) -> None:
+    """Fail before downloading anything if the helper is not there or will not talk to this user."""
+    from img_helper.client import HelperClient, HelperUnavailable, NotAuthorized
+
+    try:
+        HelperClient(socket_path, timeout=30).call("status", {})
+    except (HelperUnavailable, NotAuthorized) as e:
+        die(EXIT_HELPER, e.message, _hint("helper-unavailable" if isinstance(e, HelperUnavailable)
+                                          else "not-authorized"))
 
 
 def _hint(code: str) -> str:
