@@ -37,7 +37,8 @@ test-kernel: install fixtures
 
 # A short atheris run over the layer extractor (seeds: the hostile corpus).
 fuzz: install
-	$(PY) tests/fuzz/fuzz_extract.py -max_total_time=40 -print_final_stats=1
+	@mkdir -p build/fuzz
+	$(PY) tests/fuzz/fuzz_extract.py -max_total_time=40 -print_final_stats=1 -artifact_prefix=build/fuzz/
 
 demo: install
 	scripts/demo.sh
