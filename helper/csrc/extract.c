@@ -697,6 +697,8 @@ static void fix_dir_times(struct xctx *x)
 
 /* ---------- entries ---------- */
 
+static int report(struct xctx *x);
+
 static int write_data(struct xctx *x, struct archive_entry *e, int fd)
 {
     const void *buf;
@@ -729,6 +731,8 @@ static int write_data(struct xctx *x, struct archive_entry *e, int fd)
         }
         if ((uint64_t)off > hi)
             hi = (uint64_t)off;
+        if (report(x) < 0) /* a big file: keep reporting, and let the caller cancel mid-file */
+            return -1;
     }
     if (hi < declared && ftruncate(fd, (off_t)declared) < 0) /* a sparse tail */
         return fail(x, "io", errno, "extending a sparse file");
@@ -1073,10 +1077,8 @@ static int report(struct xctx *x)
         return 0;
     x->next_progress_entries = x->st->entries + x->progress_entries;
     x->next_progress_bytes = x->st->bytes + x->progress_bytes;
-    if (x->progress(x->progress_ctx, x->st) != 0) {
-        x->cur = NULL;
+    if (x->progress(x->progress_ctx, x->st) != 0)
         return fail(x, "cancelled", 0, "stopped by the progress callback");
-    }
     return 0;
 }
 

@@ -325,3 +325,27 @@ def test_the_callers_umask_does_not_change_archived_modes(box: Sandbox) -> None:
         os.umask(old)
     modes = {p: stat.S_IMODE((box.root / p).lstat().st_mode) for p in ("f", "d", "d/g", "p")}
     assert modes == {"f": 0o644, "d": 0o755, "d/g": 0o777, "p": 0o666}
+
+
+def test_progress_runs_during_a_big_file_and_can_cancel_it(box: Sandbox) -> None:
+    from img_helper import extract
+
+    blob = box.blobs / "big"
+    blob.write_bytes(t.tar(t.file("big", bytes(200 << 20))))
+    calls: list[int] = []
+
+    def progress(st: LayerStats) -> None:
+        calls.append(st.bytes)
+        if st.bytes >= 128 << 20:
+            raise KeyboardInterrupt
+
+    fd, root = os.open(blob, os.O_RDONLY), os.open(box.root, os.O_RDONLY)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            apply_layer(root, LayerSource(fd), progress=progress)
+    finally:
+        os.close(fd)
+        os.close(root)
+    assert len(calls) >= 2 and calls[-1] < 200 << 20
+    assert (box.root / "big").stat().st_size < 200 << 20
+    assert extract.PROGRESS_BYTES <= 64 << 20
