@@ -197,6 +197,15 @@ def test_interrupted_build_is_never_used(tmp_path: Path, monkeypatch: pytest.Mon
     assert build.ensure_built() == first and calls == ["fail", "ok"]  # cached: not built again
 
 
+def test_no_build_inside_the_vm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guest has no network and its flock()s do not reach the host: it must find a host-made build."""
+    monkeypatch.setenv("IMG_TEST_IMAGES_CACHE", str(tmp_path))
+    monkeypatch.setenv("IMG_IN_VM", "1")
+    with pytest.raises(build.BuildError, match="make fixtures"):
+        build.ensure_built()
+    assert not (tmp_path / build.builder_hash()).exists()
+
+
 # ---------------------------------------------------------------- synthetic images
 
 
