@@ -243,3 +243,26 @@ def test_outsider_errors_say_what_to_do(env: dict[str, str], tmp_path: Path) -> 
     assert r.returncode == 0 and "no runs" in r.stdout
     r = img(env, "gc", "--dry-run")
     assert r.returncode == 0
+
+
+def test_daemon_processes_spooled_refs(env: dict[str, str]) -> None:
+    spool = Path(env["IMG_HOME"]) / "spool"
+    d = subprocess.Popen([IMG, "daemon"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not spool.is_dir() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (spool / ".alpha.tmp").write_text("")
+        os.rename(spool / ".alpha.tmp", spool / "alpha")  # moved in: picked up
+        (spool / "req2").write_text("nosuchfamily\n")  # closed after writing: picked up
+        while not ((spool / "done" / "alpha").exists() and (spool / "failed" / "req2").exists()):
+            assert time.monotonic() < deadline, d.stderr.read() if d.poll() is not None else "timeout"
+            time.sleep(0.2)
+        assert (spool / "done" / "alpha").read_text().startswith("ok ")
+        assert "no image family" in (spool / "failed" / "req2").read_text()
+    finally:
+        d.send_signal(signal.SIGTERM)
+        _, err = d.communicate(timeout=60)
+    assert d.returncode == 0, err
+    listed = json.loads(img(env, "list", "--json").stdout)["images"]
+    assert [(i["name"], i["state"]) for i in listed] == [("alpha", "ready")]
