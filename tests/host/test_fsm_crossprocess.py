@@ -318,19 +318,21 @@ def test_owner_in_another_kernel_or_pid_namespace_is_judged_by_its_lease(
 
 CHAOS = textwrap.dedent(
     """
-    import os, random, sys, time
+    import logging, os, random, sys, time
     from img import fsm
 
     db, log = sys.argv[1], sys.argv[2]
+    if os.environ.get("FSM_CHAOS_LOG"):
+        logging.basicConfig(level=logging.INFO, format=f"%(created).3f {os.getpid()} %(message)s")
 
     def step(req):
-        time.sleep(random.random() * 0.02)
+        time.sleep(random.random() * 0.04)
         with open(log, "a") as f:
             f.write(f"{req.run.version} {req.run.state}\\n")
         return {"n": (req.w or {}).get("n", 0) + 1}
 
     backoff = fsm.Backoff(0.001, 0.01)
-    m = fsm.Manager(db, retry=fsm.RetryPolicy(10, backoff), queues={"q": 2}, lease_ttl=1, poll_interval=0.01)
+    m = fsm.Manager(db, retry=fsm.RetryPolicy(10, backoff), queues={"q": 2}, lease_ttl=5, poll_interval=0.01)
     mach = m.register("chaos", dict, dict).start("a", step).to("b", step).to("c", step).end("done").build()
     m.resume()
     versions = [mach.start_or_attach(f"r{i}", {"i": i}, queue="q" if i % 2 else None) for i in range(12)]
@@ -378,3 +380,37 @@ def test_chaos_concurrent_processes_killed_at_random_lose_and_duplicate_nothing(
         executions[(version, state)] = executions.get((version, state), 0) + 1
     assert len(executions) == 3 * len(per_run)  # every step of every run executed
     assert sum(executions.values()) - len(executions) <= 4  # re-executions: at most one per kill
+
+
+def _never(req: fsm.Request[Msg, Out]) -> Out:
+    raise AssertionError("s1 completed before the kill: it must not run again")
+
+
+def _finish_s2(req: fsm.Request[Msg, Out]) -> Out:
+    assert req.w is not None and req.run.is_restart
+    return Out(total=req.w.total + 1)
+
+
+def test_a_process_waiting_on_a_run_adopts_it_when_its_owner_is_killed(
+    tmp_path: Path, worker: Callable[..., subprocess.Popen[str]], managers: Managers
+) -> None:
+    (tmp_path / "flags" / "block").touch()
+    owner = worker("hold", "shared", lease=60)
+    version = _line(owner)[1]
+    until(lambda: any(x.startswith("s2 shared") for x in _log(tmp_path)), timeout=10, what="s2 started")
+    m = managers(lease_ttl=60)
+    mach = m.register("xp", Msg, Out).start("s1", _never).to("s2", _finish_s2).end("done").build()
+    assert (
+        mach.start_or_attach("shared", Msg(n=10)) == version
+    )  # like a second `img process` of the same image
+    assert m.get_run(version).owner != m.owner
+    result: list[Out | None] = []
+    waiter = threading.Thread(target=lambda: result.append(mach.wait(version, timeout=20)))
+    waiter.start()
+    time.sleep(0.2)
+    os.kill(owner.pid, signal.SIGKILL)
+    owner.wait()
+    t0 = time.monotonic()
+    waiter.join(20)
+    assert result == [Out(total=11)] and time.monotonic() - t0 < 5  # not the 60 s lease
+    assert m.history(version)[-1].owner == m.owner

@@ -461,6 +461,26 @@ class Manager:
                 self._schedule(ctx)
         return claimed
 
+    def _owner_dead(self, owner: str) -> bool:
+        """An owner on this machine whose process is gone (owners elsewhere: never, their lease decides)."""
+        row = (
+            self.store.conn()
+            .execute("SELECT host, pid, pid_start FROM fsm_owners WHERE owner = ?", (owner,))
+            .fetchone()
+        )
+        return row is not None and row[0] == host_identity() and not owner_alive_here(row[1], row[2])
+
+    def _adopt(self, rec: RunRecord) -> None:
+        """Claim an orphaned run we are waiting for, if its FSM is registered here."""
+        fsm = self._fsms.get((rec.type_name, rec.action))
+        with self._lock:
+            if fsm is None or self._closed or rec.version in self._pending or rec.version in self._running:
+                return
+        ctx = self._claim(fsm, rec.version, rec.owner, rec.lease_expires or 0.0)
+        if ctx is not None:
+            self._logger(ctx).info("run adopted while waiting for it (previous owner %s)", rec.owner)
+            self._schedule(ctx)
+
     def reap_dead_owners(self) -> list[str]:
         """Owners on this machine (same host, boot and pid namespace) whose process is gone: release their
         runs (no owner, not executing: claimable by any resume(), no longer holding queue slots) and forget
@@ -568,6 +588,16 @@ class Manager:
                 return self._outcome(rec)
             if self._closed and rec.owner in (None, self.owner):
                 raise ManagerClosed()  # nobody is executing it; the next process's resume() will
+            if (
+                rec.active
+                and rec.owner is not None
+                and rec.owner != self.owner
+                and self._owner_dead(rec.owner)
+            ):
+                self.reap_dead_owners()
+                rec = self.store.get_run(version) or rec
+            if rec.active and (rec.owner is None or (rec.lease_expires or 0) <= time.time()):
+                self._adopt(rec)  # its owner is gone (released, reaped or lease expired): carry it on
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise WaitTimeout(version, timeout or 0.0)
