@@ -376,8 +376,6 @@ def image_resolve(req: fsm.Request[ImageReq, ImageResp]) -> ImageResp:
     from img.refs import FamilyRef
 
     m, e = req.msg, env()
-    e.store.upsert_image(m.ref, m.kind, m.family or m.key.rsplit("/", 1)[-1])
-    e.store.update_image(m.ref, state="downloading", error=None)
     try:
         if m.kind == "family":
             objs = s3.list_family(e.s3(), FamilyRef(m.bucket, m.prefix, m.family))
@@ -388,6 +386,9 @@ def image_resolve(req: fsm.Request[ImageReq, ImageResp]) -> ImageResp:
         if mapped is err:
             raise
         raise mapped from err
+    # recorded once it exists: a typo'd family leaves no image row behind
+    e.store.upsert_image(m.ref, m.kind, m.family or m.key.rsplit("/", 1)[-1])
+    e.store.update_image(m.ref, state="downloading", error=None)
     e.reporter.note(f"{m.ref}: {len(objs)} object(s), {sum(o.size for o in objs)} bytes")
     return ImageResp(objects=[ObjectRec(o.bucket, o.key, o.size, o.etag) for o in objs])
 
