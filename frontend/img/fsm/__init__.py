@@ -124,8 +124,9 @@ Semantics
 * Cancel writes CANCEL; the run stops before its next step (or when the current step raises), finalizers run,
   FINISH records kind "cancel". Shutdown writes nothing.
 * is_restart is True for the first step executed after the run was taken over by `resume()`.
-* A run whose owner died is only continued by some manager's `resume()` (or `start_or_attach`, or a manager
-  with auto_resume=True, which checks every second): call `resume()` when a process starts.
+* A run whose owner died is continued by a manager that calls `resume()`, `start_or_attach`/`start_child`
+  for it, or `wait()` on it (if its FSM is registered there), or that has auto_resume=True (checks every
+  second). Call `resume()` when a process starts.
 * A step that returns normally during shutdown still gets its COMPLETE written (its work is done); to stop
   early, raise (req.check_cancelled() / req.sleep()). Never return a partial response.
 * Message/response dataclasses must be importable at module level (their type hints are resolved to decode).
