@@ -65,7 +65,7 @@ def emit_json(obj: Any) -> None:
 
 def helper_exit(e: Exception) -> NoReturn:
     """Report a HelperError raised outside a workflow (status, gc) with the right exit code."""
-    from img_helper import client as hc
+    import img_helper.client as hc
 
     if isinstance(e, hc.HelperUnavailable | hc.NotAuthorized):
         die(EXIT_HELPER, e.message if isinstance(e, hc.HelperError) else str(e))

@@ -225,7 +225,7 @@ def _s3_failure(e: Exception) -> Exception:
 
 def _helper_call(verb: str, args: dict[str, Any], fds: list[int] | None = None,
                  on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    from img_helper import client as hc
+    import img_helper.client as hc
 
     try:
         return env().helper().call(verb, args, fds or [], on_progress=on_progress)
