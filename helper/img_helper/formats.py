@@ -186,20 +186,30 @@ def _looks_like_outer_archive_name(name: str) -> bool:
     return top in _ARCHIVE_TOP or bool(re.fullmatch(r"[0-9a-f]{64}(\.json|\.tar)?", top))
 
 
-def _compressed_outer_archive(fd: int, kind: str) -> bool:
-    """Whether a gzip/zstd file is a compressed docker/OCI archive (`docker save | gzip`) rather than a layer:
-    judged by the names of its first members."""
-    head = _decompressed_head(fd, kind)
+def _first_member_names(head: bytes, most: int = 4) -> list[str]:
     names: list[str] = []
     pos = 0
-    while pos + BLOCK <= len(head) and len(names) < 4:
+    while pos + BLOCK <= len(head) and len(names) < most:
         block = head[pos : pos + BLOCK]
         if block == bytes(BLOCK) or block[257:262] != b"ustar":
             break
-        names.append(block[:100].split(b"\0", 1)[0].decode("utf-8", "replace").lstrip("./"))
-        size = _parse_number(block[124:136], "", "size")
+        name = block[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+        names.append("/".join(p for p in name.split("/") if p not in ("", ".")))
+        try:
+            size = _parse_number(block[124:136], "", "size")
+        except FormatError:
+            break
         pos += BLOCK + (size + BLOCK - 1) // BLOCK * BLOCK
-    return bool(names) and all(_looks_like_outer_archive_name(n) for n in names if n)
+    return [n for n in names if n]
+
+
+def looks_like_outer_archive(fd: int, kind: str) -> bool:
+    """Whether a blob is an image archive (plain, or compressed: `docker save | gzip`) rather than a layer,
+    judged by the names of its first members (a layer starts with rootfs paths; an archive with blobs/,
+    manifest.json, oci-layout, <64 hex>/ ...)."""
+    head = _pread_exact(fd, 64 << 10, 0) if kind == "tar" else _decompressed_head(fd, kind)
+    names = _first_member_names(head)
+    return bool(names) and all(_looks_like_outer_archive_name(n) for n in names)
 
 
 # ---------------------------------------------------------------------------------- outer tar header walk
@@ -525,7 +535,7 @@ def _sniff_single(fd: int, limits: ArchiveLimits) -> str:
         raise FormatError("format", _fd_desc(fd), "not a regular file")
     kind = sniff_blob(fd, 0, _fd_desc(fd))
     if kind != "tar":
-        if _compressed_outer_archive(fd, kind):
+        if looks_like_outer_archive(fd, kind):
             raise FormatError(
                 "compressed",
                 _fd_desc(fd),
@@ -547,6 +557,16 @@ def detect_format(fds: list[int], limits: ArchiveLimits = ArchiveLimits()) -> st
     if not fds:
         raise FormatError("format", "", "no input")
     if len(fds) > 1:
+        # a family of layers; an image archive in the list is a mistake worth naming (--format layers
+        # overrides this guess)
+        for fd in fds:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise FormatError("format", _fd_desc(fd), "a layer must be a regular file")
+            kind = sniff_blob(fd, 0, _fd_desc(fd))
+            if looks_like_outer_archive(fd, kind):
+                raise FormatError(
+                    "format", _fd_desc(fd), "an image archive in a list of layers: give it alone"
+                )
         return "layers"
     return _sniff_single(fds[0], limits)
 

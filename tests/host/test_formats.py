@@ -708,3 +708,39 @@ def test_docker_archive_ref_selects_by_repo_tag(tmp_path: Path, opened: list[int
         open_image([fd], "docker-archive")
     assert ei.value.code == "format"  # two images: which one is ambiguous
     assert len(open_image([fd], ref="library/a:1").layers) == 1
+
+
+# ---------------------------------------------------------------------------------- mixed-up inputs
+
+
+def test_archive_in_a_list_of_layers_is_named(tmp_path: Path, opened: list[int]) -> None:
+    paths = [
+        fb.write(tmp_path / "1.tar", fb.layer(1)),
+        fb.write(tmp_path / "2.tar", fb.docker_archive([fb.layer(2)])),
+    ]
+    with pytest.raises(FormatError) as ei:
+        open_image(_open(opened, *paths))
+    assert ei.value.code == "format" and ei.value.entry.endswith("2.tar") and "alone" in ei.value.reason
+    # an explicit format is obeyed
+    assert open_image(_open(opened, *paths), "layers").format == "layers"
+
+
+def test_compressed_archive_in_a_list_of_layers_is_named(tmp_path: Path, opened: list[int]) -> None:
+    paths = [
+        fb.write(tmp_path / "1.tar", fb.layer(1)),
+        fb.write(tmp_path / "2.tar", fb.gz(fb.oci_archive(fb.oci_parts([fb.layer(2)])))),
+    ]
+    with pytest.raises(FormatError) as ei:
+        open_image(_open(opened, *paths))
+    assert ei.value.entry.endswith("2.tar")
+
+
+def test_gzip_layer_with_only_a_root_entry_is_a_layer(tmp_path: Path, opened: list[int]) -> None:
+    data = fb.gz(fb.tar_bytes([("./", None)]))
+    assert _image(opened, tmp_path, data).format == "layers"
+
+
+def test_layer_whose_first_entry_is_dot_slash_then_rootfs_paths(tmp_path: Path, opened: list[int]) -> None:
+    data = fb.tar_bytes([("./", None), ("./etc/", None), ("./etc/hosts", b"127.0.0.1 localhost\n")])
+    paths = [fb.write(tmp_path / "a", data), fb.write(tmp_path / "b", fb.zst(data))]
+    assert open_image(_open(opened, *paths)).format == "layers"
