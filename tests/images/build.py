@@ -9,7 +9,8 @@ Output directory (see `manifest.json` in it; tests read it through tests/fixture
     images/<family>/<n>.tar    uncompressed layer diff tars (bucket style; byte-identical to the OCI diff_ids)
     layers/<diff_id>.tar       the same files, one copy each (the family files are hardlinks to these)
     oci/                       OCI layout, tag per family (gzip layers)
-    docker/, oci-archive/      docker-archive and OCI archives (gzip, and a zstd variant) made by skopeo
+    docker/, oci-archive/      docker-archive and OCI archives (gzip, all-zstd) made by skopeo, and an OCI
+                               archive with one zstd layer among gzip ones (written here)
     reference/<family>/        `umoci raw unpack` of each family: what an extractor must reproduce
     specs/<family>.spec        tree spec of the rootfs each family was made from (tests/fixtures/trees.py)
 
@@ -44,6 +45,7 @@ from tests.fixtures.synth import (
     Dir,
     File,
     Opaque,
+    compress,
     make_layer,
 )
 from tests.fixtures.trees import tree_spec
@@ -71,6 +73,7 @@ SHARED_LAYERS = 3  # alpha, beta and gamma share layers 1..3 byte for byte
 DOCKER_ARCHIVE_FAMILY = "alpha"
 OCI_ARCHIVE_FAMILY = "gamma"
 ZSTD_ARCHIVE_FAMILY = "beta"
+MIXED_ARCHIVE_FAMILY = "alpha"
 
 
 class BuildError(Exception):
@@ -561,7 +564,42 @@ class Builder:
                             "compression": "gzip"},
             "oci_archive_zstd": {"path": oci_zst, "family": ZSTD_ARCHIVE_FAMILY, "ref": ZSTD_ARCHIVE_FAMILY,
                                  "compression": "zstd"},
+            "oci_archive_mixed": self.mixed_archive(MIXED_ARCHIVE_FAMILY, zstd_layer=1),
         }
+
+    def mixed_archive(self, family: str, zstd_layer: int) -> dict[str, str]:
+        """An OCI archive whose layer `zstd_layer` (0-based) is zstd, the others gzip ("mixed"), written by
+        hand (skopeo compresses all layers alike): per-layer media types must be honoured."""
+        manifest = self.manifest_of(family)
+        config = self.manifest_of(family)["config"]
+        diff_id = self.diff_ids(family)[zstd_layer]
+        zst = compress((self.out / "layers" / f"{diff_id}.tar").read_bytes(), "zstd")
+        manifest["layers"][zstd_layer] = {"mediaType": LAYER_MEDIA_TYPES["zstd"], "size": len(zst),
+                                          "digest": "sha256:" + hashlib.sha256(zst).hexdigest()}
+        manifest_bytes = json.dumps(manifest).encode()
+        manifest_hex = hashlib.sha256(manifest_bytes).hexdigest()
+        desc = {"mediaType": MANIFEST_MEDIA_TYPE, "size": len(manifest_bytes),
+                "digest": f"sha256:{manifest_hex}", "annotations": {REF_NAME: family}}
+        small = {
+            "oci-layout": json.dumps({"imageLayoutVersion": "1.0.0"}).encode(),
+            "index.json": json.dumps({"schemaVersion": 2, "manifests": [desc]}).encode(),
+            f"blobs/sha256/{manifest_hex}": manifest_bytes,
+            f"blobs/sha256/{manifest['layers'][zstd_layer]['digest'].split(':')[1]}": zst,
+        }
+        rel = f"oci-archive/{family}.mixed.oci.tar"
+        with tarfile.open(self.out / rel, "w", format=tarfile.PAX_FORMAT) as tar:
+            for d in ("blobs", "blobs/sha256"):
+                ti = tarfile.TarInfo(d)
+                ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, 0o755, SOURCE_DATE_EPOCH
+                tar.addfile(ti)
+            for name, data in small.items():
+                ti = tarfile.TarInfo(name)
+                ti.size, ti.mode, ti.mtime = len(data), 0o644, SOURCE_DATE_EPOCH
+                tar.addfile(ti, io.BytesIO(data))
+            for d in [config, *manifest["layers"]]:
+                if d["mediaType"] != LAYER_MEDIA_TYPES["zstd"]:
+                    tar.add(self.blob(d["digest"]), arcname=f"blobs/sha256/{d['digest'].split(':')[1]}")
+        return {"path": rel, "family": family, "ref": family, "compression": "mixed"}
 
     def export_references(self, families: list[Family]) -> dict[str, str]:
         refs = {}
@@ -601,6 +639,7 @@ def summary(manifest: dict) -> str:
     return (f"images {manifest['dir']} families[{fams}] "
             f"docker-archive={manifest['docker_archive']['family']} "
             f"oci-archive={manifest['oci_archive']['family']} zstd={manifest['oci_archive_zstd']['family']} "
+            f"mixed={manifest['oci_archive_mixed']['family']} "
             f"references={','.join(manifest['references'])} "
             f"size={manifest['total_mb']:.0f}MB built_in={manifest['build_seconds']}s")
 
@@ -620,6 +659,9 @@ def main(argv: list[str] | None = None) -> int:
     except BuildError as e:
         print(f"images: build failed at {e.step}: {e.reason}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("images: interrupted (nothing kept)", file=sys.stderr)
+        return 130
     print(summary(json.loads((out / "manifest.json").read_text())))
     return 0
 
