@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -199,7 +200,7 @@ class Manager:
             c.execute(
                 "INSERT OR REPLACE INTO fsm_owners (owner, host, pid, pid_start, heartbeat)"
                 " VALUES (?,?,?,?,?)",
-                (self.owner, host_identity(), _pid(), pid_start_time(_pid()), now),
+                (self.owner, host_identity(), os.getpid(), pid_start_time(os.getpid()), now),
             )
             for name, limit in self.queues.items():
                 c.execute(
@@ -1246,9 +1247,3 @@ class Manager:
                 "retry_count": ctx.retry_count,
             },
         )
-
-
-def _pid() -> int:
-    import os
-
-    return os.getpid()
