@@ -5,7 +5,7 @@ later layer is a thin snapshot of its parent with that layer applied. Identical 
 An activation is a new thin snapshot of a complete layer.
 
 Device-mapper names and UUIDs (our prefixes, so our devices are recognisable after a crash):
-    layer       img-layer-<chain hex[:16]>   IMG-layer-<chain hex>
+    layer       img-layer-<chain hex>        IMG-layer-<chain hex>
     activation  img-act-<name>               IMG-act-<name>
 
 Every pool change goes through _pool_create/_pool_delete: the thin id is allocated and committed to the
@@ -106,7 +106,7 @@ def check_activation_name(name: str) -> str:
 
 def layer_names(chain_id: str) -> tuple[str, str]:
     hx = check_chain_id(chain_id)
-    return LAYER_NAME + hx[:16], LAYER_UUID + hx
+    return LAYER_NAME + hx, LAYER_UUID + hx  # the full hex: a name no other chain can take
 
 
 def activation_names(name: str) -> tuple[str, str]:
@@ -303,12 +303,17 @@ class Devices:
                 if self._owned_info(device, uuid) is not None:  # left by a crash: its table may be stale
                     self._remove_device(device, uuid)
                 path = self._create_device(device, uuid, tid, sectors, read_only=False)
+            if progress is not None:
+                progress({"step": "created", "chain_id": chain_id, "thin_id": tid,
+                          "snapshot_of": parent_chain_id})
             if parent is None:
                 t = time.monotonic()
                 r = subprocess.run([*MKFS_ARGS, "-L", "img-layer", path], capture_output=True, text=True)
                 if r.returncode:
                     raise DeviceError("mkfs", r.stderr.strip()[-500:] or "mkfs.ext4 failed", device=path)
                 timings["mkfs"] = time.monotonic() - t
+                if progress is not None:
+                    progress({"step": "mkfs", "chain_id": chain_id, "seconds": round(timings["mkfs"], 3)})
             self.record.set_layer_state(chain_id, APPLYING)
             crash_point("layer:before-apply")
             t = time.monotonic()
@@ -344,9 +349,10 @@ class Devices:
         error: dict[str, Any] | None = None
         try:
             with tempfile.TemporaryFile(dir=mnt_root) as errf:
-                proc = subprocess.Popen([sys.executable, "-m", "img_helper.apply_child", json.dumps(spec)],
-                                        stdout=subprocess.PIPE, stderr=errf, pass_fds=(blob_fd,),
-                                        stdin=subprocess.DEVNULL)
+                # -I and cwd=/: `-m` would otherwise import from the caller's working directory first.
+                cmd = [sys.executable, "-I", "-m", "img_helper.apply_child", json.dumps(spec)]
+                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errf, pass_fds=(blob_fd,),
+                                        stdin=subprocess.DEVNULL, cwd="/")
                 assert proc.stdout is not None
                 for line in proc.stdout:
                     try:
@@ -490,10 +496,17 @@ class Devices:
                     report["deleted_orphans"].append(thin.thin_id)
             report["quarantined"] = [t.thin_id for t in self.record.thins(QUARANTINED)]
             known = {r.device for r in self.record.layers()} | {a.device for a in self.record.activations()}
+            pool = dm.info(self.pool)
             for name in dm.list_names():
                 d = dm.info(name)
-                if d is not None and d.uuid.startswith(OUR_UUID_PREFIX) and name not in known:
-                    report["unknown_devices"].append(name)  # ours by prefix, not in the record: left alone
+                if d is None or not d.uuid.startswith(OUR_UUID_PREFIX) or d.uuid.startswith("IMG-pool-"):
+                    continue
+                if name not in known and pool is not None and pool.devno in dm.deps(name):
+                    report["unknown_devices"].append(name)  # not in the record: left alone
+            for layer in self.record.layers():  # a crash right after "complete" leaves the device writable
+                d = dm.info(layer.device)
+                if d is not None and d.uuid == layer.uuid and not d.read_only and d.open_count == 0:
+                    self._ensure_layer_device(layer)
         return report
 
     def _replay(self, intent: Any) -> dict[str, Any]:

@@ -90,6 +90,8 @@ def test_first_layer_then_repeat_creates_nothing(svc: Service, thin_pool: ThinPo
     row = svc.record.layer(cid)
     assert row is not None and row.state == COMPLETE and row.stats and row.stats["files"] >= 3
     print(f"first layer: {elapsed:.2f}s, timings {svc.devices.last_timings}")
+    assert {"created", "mkfs"} <= {p["step"] for p in progress}
+    json.dumps(progress)
 
     before = pool_snapshot(thin_pool.name)
     next_id = svc.record.next_thin_id()
@@ -310,3 +312,35 @@ def test_parallel_steps(svc: Service, thin_pool: ThinPool, tmp_path: Path) -> No
         assert pair[0]["thin_id"] == pair[1]["thin_id"]
     assert len(svc.record.thins()) == 3
     assert len(our_devices()) == 3
+
+
+def test_deactivate_refuses_while_mounted(svc: Service, thin_pool: ThinPool, tmp_path: Path) -> None:
+    """An activation in use is never torn down: typed "busy", thin id kept, and it works once unmounted."""
+    top = ensure(svc, [write_blob(tmp_path, layer_series(1)[0])])[-1]["chain_id"]
+    a = svc.activate(top, "busy")
+    with mounted(a["device"]):
+        with pytest.raises(DeviceError) as exc:
+            svc.deactivate("busy")
+        assert exc.value.code == "busy" and exc.value.details["op"] == "remove"
+        assert dm.info("img-act-busy") is not None and thin_exists(thin_pool.name, a["thin_id"])
+        act = svc.record.activation("busy")
+        assert act is not None and act.state == "active"
+    assert svc.deactivate("busy") == {"name": "busy", "removed": True}
+    assert not thin_exists(thin_pool.name, a["thin_id"])
+
+
+def test_module_planted_in_working_directory_is_not_run_as_root(svc: Service, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """`python -m` puts the working directory first on sys.path: a helper started from a user's
+    directory must not import that user's `img_helper/apply_child.py` as root."""
+    evil = tmp_path / "evil"
+    (evil / "img_helper").mkdir(parents=True)
+    marker = tmp_path / "pwned"
+    payload = f"open({str(marker)!r}, 'w').write('root code')\n"
+    (evil / "img_helper/__init__.py").write_text(payload)
+    (evil / "img_helper/apply_child.py").write_text(payload)
+    monkeypatch.chdir(evil)
+    monkeypatch.setenv("PYTHONPATH", str(evil))
+    blob = write_blob(tmp_path, layer_series(1)[0])
+    r = ensure(svc, [blob])[0]
+    assert r["created"] and not marker.exists()

@@ -146,8 +146,11 @@ def assert_consistent(svc: Service, pool: str) -> None:
     assert set(ours) <= set(expected), f"devices not in the record: {set(ours) - set(expected)}"
     mapped = [int(dm.table(n).params.split()[1]) for n in ours]
     assert mapped == [expected[n] for n in ours] and len(set(mapped)) == len(mapped)
+    layer_devices = {r.device for r in layers}
     for n in ours:
-        assert dm.info(n).open_count == 0  # type: ignore[union-attr]  # no mount left behind
+        d = dm.info(n)
+        assert d is not None and d.open_count == 0  # no mount left behind
+        assert d.read_only == (n in layer_devices)  # complete layers are read-only, activations not
 
 
 @pytest.mark.parametrize(("step", "point"), CASES, ids=[f"{s}-{p}" for s, p in CASES])
@@ -201,13 +204,15 @@ def test_apply_child_killed_leaves_nothing(thin_pool: ThinPool, tmp_path: Path) 
 
 
 def test_reconcile_leaves_unknown_img_devices_alone(thin_pool: ThinPool, tmp_path: Path) -> None:
-    name = "img-layer-0000000000000000"
-    dm.create(name, 8, "error", "", uuid="IMG-layer-" + "0" * 64)
+    name = "img-layer-" + "0" * 64
+    dm.create_thin(thin_pool.name, 99)
+    dm.create_thin_device(name, thin_pool.name, 99, 8192, uuid="IMG-layer-" + "0" * 64)
     try:
         svc = Service(thin_pool.name, tmp_path / "state", virtual_size=VSIZE)
         try:
             assert svc.last_reconcile["unknown_devices"] == [name]
             assert dm.info(name) is not None
+            assert svc.record.thins() == []  # thin 99 is not ours: not even recorded
         finally:
             svc.close()
     finally:
