@@ -22,6 +22,7 @@ discarded with it.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -102,6 +103,14 @@ def check_activation_name(name: str) -> str:
         raise DeviceError("invalid", "activation name must match [A-Za-z0-9][A-Za-z0-9_.+-]{0,118}",
                           value=str(name)[:100])
     return name
+
+
+def expected_chain_id(parent_chain_id: str | None, blob_sha256_hex: str) -> str:
+    """OCI ChainID rule (img_helper.formats.chain_ids): the blob digest, or sha256("<parent> <digest>")."""
+    digest = "sha256:" + blob_sha256_hex
+    if parent_chain_id is None:
+        return digest
+    return "sha256:" + hashlib.sha256(f"{parent_chain_id} {digest}".encode()).hexdigest()
 
 
 def layer_names(chain_id: str) -> tuple[str, str]:
@@ -261,6 +270,11 @@ class Devices:
         m = _HEX_RE.match(blob_sha256) if isinstance(blob_sha256, str) else None
         if not m:
             raise DeviceError("invalid", "blob_sha256 must be [sha256:]<64 lowercase hex>")
+        if chain_id != expected_chain_id(parent_chain_id, m.group(1)):
+            # Devices are shared by chain id across callers: a chain id must be the one its content has,
+            # or one caller could plant other content under the chain id of someone else's image.
+            raise DeviceError("invalid", "chain_id is not the chain id of parent_chain_id + blob_sha256",
+                              chain_id=chain_id)
         if offset < 0 or length < -1:
             raise DeviceError("invalid", "bad blob range", offset=offset, length=length)
         if length == -1:

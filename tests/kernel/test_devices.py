@@ -226,10 +226,11 @@ def test_delete_layer_refuses_while_used(svc: Service, thin_pool: ThinPool, tmp_
 
 def test_bad_digest_leaves_nothing_and_retry_works(svc: Service, thin_pool: ThinPool, tmp_path: Path) -> None:
     blob = write_blob(tmp_path, layer_series(1)[0])
+    wrong = "0" * 64  # the caller claims another digest (and its chain id): the extractor finds out
     with open(blob.path, "rb") as f, pytest.raises(DeviceError) as exc:
-        svc.ensure_layer(blob.digest, None, f.fileno(), 0, blob.size, "0" * 64, None)
+        svc.ensure_layer("sha256:" + wrong, None, f.fileno(), 0, blob.size, wrong, None)
     assert exc.value.code == "extract" and exc.value.details["extract_code"] == "digest"
-    assert svc.record.layer(blob.digest) is None
+    assert svc.record.layer("sha256:" + wrong) is None
     assert our_devices() == []
     assert [t.state for t in svc.record.thins()] == [DELETED]
     assert not thin_exists(thin_pool.name, 1)
@@ -239,11 +240,28 @@ def test_bad_digest_leaves_nothing_and_retry_works(svc: Service, thin_pool: Thin
 
 def test_missing_parent_is_refused(svc: Service, tmp_path: Path) -> None:
     blob = write_blob(tmp_path, layer_series(1)[0])
+    parent = "sha256:" + "2" * 64
+    cid = chain_ids([parent, blob.digest])[1]
     with open(blob.path, "rb") as f, pytest.raises(DeviceError) as exc:
-        svc.ensure_layer("sha256:" + "1" * 64, "sha256:" + "2" * 64, f.fileno(), 0, blob.size, blob.sha256,
-                         None)
+        svc.ensure_layer(cid, parent, f.fileno(), 0, blob.size, blob.sha256, None)
     assert exc.value.code == "not_found"
     assert svc.record.thins() == []
+
+
+def test_chain_id_poisoning_is_refused(svc: Service, thin_pool: ThinPool, tmp_path: Path) -> None:
+    """A caller may not file its own content under the chain id of another image's layer: the chain id
+    must derive from the parent and the (verified) blob digest, or later users of that chain id would
+    get the planted content."""
+    victim = write_blob(tmp_path, layer_series(1)[0])
+    planted = write_blob(tmp_path, make_tar([("file", "etc/passwd", b"root::0:0::/root:/bin/sh\n")]))
+    before = pool_snapshot(thin_pool.name)
+    second = chain_ids([victim.digest, victim.digest])[1]
+    for chain_id, parent in ((victim.digest, None), (second, victim.digest)):
+        with open(planted.path, "rb") as f, pytest.raises(DeviceError) as exc:
+            svc.ensure_layer(chain_id, parent, f.fileno(), 0, planted.size, planted.sha256, None)
+        assert exc.value.code == "invalid"
+    assert svc.record.thins() == [] and pool_snapshot(thin_pool.name) == before
+    assert ensure(svc, [victim])[0]["created"]
 
 
 def test_foreign_thin_id_is_skipped_and_never_touched(svc: Service, thin_pool: ThinPool,

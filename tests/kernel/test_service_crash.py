@@ -227,3 +227,36 @@ def test_record_of_another_pool_is_refused(thin_pool: ThinPool, tmp_path: Path) 
         Service(thin_pool.name, tmp_path / "state", virtual_size=VSIZE)
     assert exc.value.code == "pool"
     os.stat(tmp_path / "state")
+
+
+def test_replay_with_unknown_outcome_quarantines_the_id(thin_pool: ThinPool, tmp_path: Path) -> None:
+    """A delete was in flight when the helper died, and its replay fails for a reason that says nothing
+    about what happened (here EBUSY: the thin is open). The id is quarantined: never reused, never
+    touched again; ids allocated but never sent are simply marked gone."""
+    from img_helper.record import QUARANTINED, Record
+
+    rec = Record(tmp_path / "state", thin_pool.name)
+    assert [rec.allocate_thin_id("layer", f"c{i}", dm.MAX_THIN_ID) for i in range(3)] == [1, 2, 3]
+    dm.create_thin(thin_pool.name, 3)
+    holder = f"{thin_pool.name}-holder"
+    dm.create_thin_device(holder, thin_pool.name, 3, 8192, uuid="TEST-holder")
+    rec.begin_intent("delete", 3)
+    rec.close()
+    try:
+        svc = Service(thin_pool.name, tmp_path / "state", virtual_size=VSIZE)
+        try:
+            assert svc.last_reconcile["quarantined"] == [3]
+            assert [(t.thin_id, t.state) for t in svc.record.thins()] == [(1, DELETED), (2, DELETED),
+                                                                          (3, QUARANTINED)]
+            assert dm.info(holder) is not None and thin_exists(thin_pool.name, 3)
+            svc.reconcile()
+            assert len(svc.record.intents_for(3)) == 1  # not retried
+            assert svc.status()["record"]["quarantined"] == [3]
+            blob = Scenario(thin_pool, tmp_path).blobs[0]
+            with open(blob.path, "rb") as f:
+                r = svc.ensure_layer(blob.digest, None, f.fileno(), 0, blob.size, blob.sha256, None)
+            assert r["thin_id"] == 4
+        finally:
+            svc.close()
+    finally:
+        dm.remove(holder)
