@@ -496,7 +496,6 @@ def test_corrupt_gzip_stored_block_is_caught_by_the_digest(box: Sandbox) -> None
     """libarchive does not check the gzip CRC: a flipped byte in a stored (incompressible) block decodes
     to different content. The layer digest is what catches it."""
     import hashlib
-
     import random
 
     noise = random.Random(20261204)  # fixed: which byte the flip hits must not vary between runs
