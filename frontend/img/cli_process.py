@@ -68,7 +68,8 @@ def process(ref: str, name: str | None, quiet: bool, json_out: bool, bucket: str
         emit_json(result_dict(image_ref.canonical, name, resp.chain_id, resp.device, True, len(resp.layers),
                               size, resp.format))
     else:
-        click.echo(f"{name}: active at {resp.device} ({len(resp.layers)} layers, {resp.format}, "
+        what = "family" if resp.format == "layers" else resp.format
+        click.echo(f"{name}: active at {resp.device} ({len(resp.layers)} layers, {what}, "
                    f"chain {resp.chain_id[:19]})")
 
 

@@ -72,7 +72,17 @@ def status(json_out: bool) -> None:
             err = f" ({h['error']})" if "error" in h else ""
             click.echo(f"helper:     reachable at {s['helper_socket']}{err}")
             pool = h.get("pool") or {}
-            if pool:
+            if "data_total_bytes" in pool:
+                from img.progress import human
+
+                used, total = int(pool.get("data_used_bytes", 0)), int(pool["data_total_bytes"]) or 1
+                mused = int(pool.get("metadata_used_bytes", 0))
+                mtotal = int(pool.get("metadata_total_bytes", 1))
+                flags = [k for k in ("fail", "read_only", "needs_check", "out_of_data_space") if pool.get(k)]
+                click.echo(f"pool:       {pool.get('name', '?')}: data {human(used)} / {human(total)} "
+                           f"({used * 100 / total:.1f}%), metadata {mused * 100 / max(mtotal, 1):.1f}%"
+                           + (f" — {', '.join(flags)}" if flags else ""))
+            elif pool:
                 click.echo("pool:       " + ", ".join(f"{k}={v}" for k, v in sorted(pool.items())
                                                       if not isinstance(v, dict | list)))
         verdict = {True: "yes", False: "NO (join group img; polkit action io.github.img.*)", None: "unknown"}

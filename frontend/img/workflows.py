@@ -19,6 +19,7 @@ message ``"<code>: <text>"``; ``error_code`` maps such a message back to the cod
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import signal
@@ -311,6 +312,12 @@ def blob_fetch(req: fsm.Request[BlobReq, BlobResp]) -> BlobResp:
         if mapped is err:
             raise
         raise mapped from err
+    except OSError as err:
+        e.reporter.finish(key)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise fail("failed", f"no space left for the blob cache in {e.config.home} ({m.size} bytes "
+                       "needed): free some space or run `img gc`", "system") from err
+        raise
     e.reporter.finish(key, f"{label}: {'cached' if before == sha else 'done'} sha256:{sha[:12]}")
     crash_point("blob:after")
     return BlobResp(sha256=sha, downloaded=before != sha)
@@ -345,8 +352,8 @@ def layer_ensure(req: fsm.Request[LayerReq, LayerResp]) -> LayerResp:
     label = f"unpack {m.digest[7:19]}"
     try:
         def on_progress(p: dict[str, Any]) -> None:
-            done = int(p.get("bytes_in", p.get("bytes", 0)) or 0)
-            e.reporter.task(key, label, done, m.length)
+            if p.get("step") == "apply":  # the extractor's stats: compressed bytes consumed so far
+                e.reporter.task(key, label, int(p.get("blob_bytes") or 0), m.length)
 
         e.reporter.task(key, label, 0, m.length)
         res = _helper_call("ensure_layer", {"chain_id": m.chain_id, "parent_chain_id": m.parent_chain_id,

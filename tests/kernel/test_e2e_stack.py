@@ -107,7 +107,10 @@ class Stack:
     # -- running img as the member ----------------------------------------------------------------------
 
     def new_home(self) -> Path:
+        """A fresh IMG_HOME owner for the member; earlier ones are removed (/run is a small tmpfs)."""
         assert self.member is not None
+        for old in self.homes:
+            shutil.rmtree(old, ignore_errors=True)
         home = self.workdir / f"home{len(self.homes)}"
         home.mkdir(mode=0o700)
         os.chown(home, self.member.uid, self.member.gid)
