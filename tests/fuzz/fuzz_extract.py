@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import zlib
@@ -35,7 +36,8 @@ from tests.host.hostile import tarbuild as t  # noqa: E402
 
 LIMITS = Limits(max_entries=5000, max_total_bytes=8 << 20, max_file_bytes=1 << 20, max_path_len=1024,
                 max_depth=32, max_xattr_bytes=4096, max_header_bytes=64 << 10)
-SCRATCH = Path(tempfile.mkdtemp(prefix="img-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+# libFuzzer ends the process with exit(): no Python cleanup runs, so a parent process owns the scratch dir
+SCRATCH = Path(os.environ.get("IMG_FUZZ_SCRATCH", "/nonexistent/img-fuzz"))
 OUTSIDE = SCRATCH / "outside"
 LOWER = t.tar(t.directory("etc/"), t.file("etc/passwd", b"root:x:0:0\n"), t.directory("d/"),
               t.file("d/keep", b"k"), t.symlink("d/up", "../.."), t.symlink("abs", str(OUTSIDE)),
@@ -142,14 +144,24 @@ def main() -> None:
     for i, s in enumerate(seeds()):
         (corpus / f"seed-{i}").write_bytes(b"\x00" + s)  # first byte: layer split / digest switches
     args = [*sys.argv, str(corpus)] if not any(not a.startswith("-") for a in sys.argv[1:]) else sys.argv
+    atheris.Setup(args, one_input)
+    atheris.Fuzz()
+
+
+def supervise() -> int:
+    """Runs the fuzzer in a child with a fresh scratch directory, and removes it afterwards."""
+    scratch = tempfile.mkdtemp(prefix="img-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     try:
-        atheris.Setup(args, one_input)
-        atheris.Fuzz()
+        env = {**os.environ, "IMG_FUZZ_SCRATCH": scratch}
+        return subprocess.run([sys.executable, __file__, *sys.argv[1:]], env=env).returncode
     finally:
-        shutil.rmtree(SCRATCH, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 BEFORE: list[tuple[str, int, bytes]] = []
 
 if __name__ == "__main__":
-    main()
+    if "IMG_FUZZ_SCRATCH" in os.environ:
+        main()
+    else:
+        sys.exit(supervise())
