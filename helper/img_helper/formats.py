@@ -23,7 +23,7 @@ import re
 import stat
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from img_helper.extract import LayerSource
@@ -75,6 +75,10 @@ class FormatError(Exception):
         self.code = code
         self.entry = entry
         self.reason = reason
+
+
+# Members read while guessing whether a tar is an image archive; pass --format for a bigger archive.
+SNIFF_MAX_MEMBERS = 2048
 
 
 @dataclass(frozen=True)
@@ -544,8 +548,10 @@ def _sniff_single(fd: int, limits: ArchiveLimits) -> str:
             )
         return "layers"
     # Lenient: a layer tar may legally hold duplicates or exceed the archive member cap; open_image then walks
-    # an archive strictly.
-    members = walk_tar(fd, limits, strict=False)
+    # an archive strictly. An image archive has a few members per layer (docker caps images at 127 layers), so
+    # a tar with more than SNIFF_MAX_MEMBERS members is a layer: big layers are not walked twice in Python.
+    members = walk_tar(fd, replace(limits, max_members=min(limits.max_members, SNIFF_MAX_MEMBERS)),
+                       strict=False)
     if "manifest.json" in members:
         return "docker-archive"
     if OCI_LAYOUT_FILE in members and "index.json" in members:

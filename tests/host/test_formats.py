@@ -744,3 +744,16 @@ def test_layer_whose_first_entry_is_dot_slash_then_rootfs_paths(tmp_path: Path, 
     data = fb.tar_bytes([("./", None), ("./etc/", None), ("./etc/hosts", b"127.0.0.1 localhost\n")])
     paths = [fb.write(tmp_path / "a", data), fb.write(tmp_path / "b", fb.zst(data))]
     assert open_image(_open(opened, *paths)).format == "layers"
+
+
+def test_big_layer_is_sniffed_from_its_first_members(tmp_path: Path, opened: list[int]) -> None:
+    """A layer is not walked twice: sniffing stops after SNIFF_MAX_MEMBERS headers. The price, documented: a
+    tar whose manifest.json comes later than that is read as a layer unless --format says otherwise."""
+    from img_helper.formats import SNIFF_MAX_MEMBERS
+
+    members = [(f"f{i}", b"") for i in range(SNIFF_MAX_MEMBERS + 10)] + [("manifest.json", b"[]")]
+    (fd,) = _open(opened, fb.write(tmp_path / "big.tar", fb.archive(members)))
+    assert detect_format([fd]) == "layers"
+    small = [(f"f{i}", b"") for i in range(10)] + [("manifest.json", b"[]")]
+    (fd2,) = _open(opened, fb.write(tmp_path / "small.tar", fb.archive(small)))
+    assert detect_format([fd2]) == "docker-archive"
