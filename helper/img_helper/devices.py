@@ -490,11 +490,34 @@ class Devices:
                          "active": d is not None and d.uuid == a.uuid})
         return {"layers": layers, "activations": acts}
 
+    def check_pool_identity(self) -> str:
+        """The pool's transaction id is our stamp: set once (0 -> random) when the record first meets the
+        pool. A pool back at 0 was re-created empty (the record's contents are gone with it); any other
+        change means someone else manages this pool's transaction id, and we refuse to touch it."""
+        txn = dm.pool_status(self.pool).transaction_id
+        stamp = self.record.meta("pool_stamp")
+        if stamp is not None and txn == int(stamp):
+            return "same"
+        if stamp is not None and txn != 0:
+            raise DeviceError("conflict", f"pool {self.pool} transaction id is {txn}, the record expects "
+                              f"{stamp}: another manager changed it", pool=self.pool)
+        result = "new"
+        if stamp is not None:  # txn == 0: re-created
+            self.record.forget_pool_contents(f"pool {self.pool} was re-created (transaction id back at 0)")
+            result = "recreated"
+        if txn == 0:
+            new = int.from_bytes(os.urandom(6), "big") | 1
+            dm.set_transaction_id(self.pool, 0, new)
+            txn = new
+        self.record.set_meta("pool_stamp", str(txn))  # adopted as is when someone had set it before
+        return result
+
     def reconcile(self) -> dict[str, Any]:
         """Brings the record and the pool back in line after a crash. Returns what it did."""
         report: dict[str, Any] = {"replayed": [], "quarantined": [], "discarded_layers": [],
                                   "discarded_activations": [], "deleted_orphans": [], "unknown_devices": []}
         with self._pool_lock:
+            report["pool"] = self.check_pool_identity()
             for intent in self.record.pending_intents():
                 report["replayed"].append(self._replay(intent))
             for layer in self.record.layers():

@@ -230,6 +230,28 @@ class Record:
                                     (state, state))
             return [_thin_row(r) for r in rows]
 
+    def meta(self, key: str) -> str | None:
+        with self._lock:
+            r = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return str(r[0]) if r else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.tx() as db:
+            db.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=?",
+                       (key, value, value))
+
+    def forget_pool_contents(self, reason: str) -> None:
+        """The pool was re-created empty: nothing the record describes exists any more. Ids stay taken
+        (allocation never goes back), everything else is dropped."""
+        now = time.time()
+        with self.tx() as db:
+            db.execute("UPDATE intents SET state='failed', error=?, finished_at=? WHERE state='pending'",
+                       (reason, now))
+            db.execute("UPDATE thin_ids SET state=?, reason=?, updated_at=? WHERE state IN (?, ?, ?)",
+                       (DELETED, reason, now, ALLOCATED, LIVE, QUARANTINED))
+            db.execute("DELETE FROM layers")
+            db.execute("DELETE FROM activations")
+
     def next_thin_id(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT value FROM meta WHERE key='next_thin_id'").fetchone()[0])

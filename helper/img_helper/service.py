@@ -42,7 +42,8 @@ def pool_usage(pool: str) -> dict[str, Any]:
 
 
 class Service:
-    """One pool, one record (state_dir/record.sqlite3). Construction reconciles the record with the pool."""
+    """One pool, one record (state_dir/record.sqlite3). Construction reconciles the record with the pool
+    (and stamps the pool's transaction id on first use: see Devices.check_pool_identity)."""
 
     # Devices serializes pool changes itself and per chain id / name; extractions run in parallel.
     serializes_pool_changes = True
@@ -61,7 +62,13 @@ class Service:
         self.state_dir = Path(state_dir)
         self.record = Record(self.state_dir, pool)
         self.devices = Devices(pool, self.record, self.state_dir, virtual_size // 512)
-        self.last_reconcile: dict[str, Any] = self.reconcile() if reconcile else {}
+        self.last_reconcile: dict[str, Any] = {}
+        try:
+            if reconcile:
+                self.reconcile()
+        except BaseException:
+            self.record.close()
+            raise
 
     def close(self) -> None:
         self.record.close()

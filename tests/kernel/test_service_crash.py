@@ -260,3 +260,42 @@ def test_replay_with_unknown_outcome_quarantines_the_id(thin_pool: ThinPool, tmp
             svc.close()
     finally:
         dm.remove(holder)
+
+
+def test_pool_recreated_under_a_kept_record(thin_pool: ThinPool, tmp_path: Path) -> None:
+    """The pool's transaction id stamps it for the record: a pool re-created empty (id back at 0) makes
+    the record forget what it held (instead of claiming layers that are gone); ids are still not reused."""
+    sc = Scenario(thin_pool, tmp_path)
+    svc = sc.service()
+    stamp = dm.pool_status(thin_pool.name).transaction_id
+    assert stamp != 0 and svc.last_reconcile["pool"] == "new"
+    first = sc.run_in_process(svc, "layer0")
+    svc.close()
+    # Re-create the pool on the same loop devices with fresh metadata.
+    table = dm.table(thin_pool.name)
+    pool_info = dm.info(thin_pool.name)
+    assert pool_info is not None
+    for n in dm.list_names():
+        if n != thin_pool.name and pool_info.devno in dm.deps(n):
+            dm.remove(n)
+    dm.remove(thin_pool.name)
+    with open(thin_pool.meta_loop, "r+b") as f:
+        f.write(bytes(4096))
+    dm.create(thin_pool.name, table.length_sectors, "thin-pool", table.params)
+    svc = sc.service()
+    try:
+        assert svc.last_reconcile["pool"] == "recreated"
+        assert svc.record.layers() == [] and all(t.state == DELETED for t in svc.record.thins())
+        again = sc.run_in_process(svc, "layer0")
+        assert again["created"] and again["thin_id"] > first["thin_id"]
+        assert_consistent(svc, thin_pool.name)
+    finally:
+        svc.close()
+    # Someone else moving the transaction id: refuse to touch the pool.
+    new_stamp = dm.pool_status(thin_pool.name).transaction_id
+    dm.set_transaction_id(thin_pool.name, new_stamp, new_stamp + 1)
+    from img_helper.devices import DeviceError
+
+    with pytest.raises(DeviceError) as exc:
+        sc.service()
+    assert exc.value.code == "conflict"
