@@ -362,3 +362,43 @@ def test_module_planted_in_working_directory_is_not_run_as_root(svc: Service, tm
     blob = write_blob(tmp_path, layer_series(1)[0])
     r = ensure(svc, [blob])[0]
     assert r["created"] and not marker.exists()
+
+
+def _mounts_of(devno: int) -> dict[int, list[str]]:
+    """pid -> mount options of every mount of `devno`, from each process's own mountinfo."""
+    want = f"{os.major(devno)}:{os.minor(devno)}"
+    out: dict[int, list[str]] = {}
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            lines = (p / "mountinfo").read_text().splitlines()
+        except OSError:
+            continue
+        opts = [f.split()[5] for f in lines if f.split()[2] == want]
+        if opts:
+            out[int(p.name)] = opts
+    return out
+
+
+def test_layer_is_mounted_only_in_a_private_namespace_nosuid_nodev(svc: Service, tmp_path: Path) -> None:
+    entries: list[tuple] = [("dir", "many")]  # type: ignore[type-arg]
+    entries += [("file", f"many/f{i}", b"x") for i in range(3000)]  # enough entries for progress events
+    blob = write_blob(tmp_path, make_tar(entries))
+    seen: list[dict[int, list[str]]] = []
+
+    def progress(ev: dict) -> None:  # type: ignore[type-arg]
+        if ev["step"] == "apply" and not seen:
+            d = dm.info(layer_names(blob.digest)[0])
+            assert d is not None
+            seen.append(_mounts_of(d.devno))
+
+    with open(blob.path, "rb") as f:
+        svc.ensure_layer(blob.digest, None, f.fileno(), 0, blob.size, blob.sha256, progress)
+    assert seen, "no progress event arrived during the extraction"
+    mounts = seen[0]
+    assert os.getpid() not in mounts and len(mounts) == 1, mounts  # only the apply child sees it
+    [opts] = list(mounts.values())
+    assert len(opts) == 1 and {"nosuid", "nodev", "noatime"} <= set(opts[0].split(",")), opts
+    d = dm.info(layer_names(blob.digest)[0])
+    assert d is not None and _mounts_of(d.devno) == {} and d.open_count == 0
