@@ -111,7 +111,7 @@ static int wset_add(struct wset *w, uint64_t ino, const char *s)
     memcpy(k->name, s, n);
     w->slot[j] = k;
     w->n++;
-    return 0;
+    return 1;
 }
 
 static void wset_free(struct wset *w)
@@ -276,6 +276,9 @@ struct xctx {
     struct inflater *inf; /* compressed blobs: decompression runs on its own thread */
     struct dir_time *dirs;
     size_t ndirs, capdirs;
+    size_t *dir_slot; /* path -> 1 + index into dirs: a directory archived again updates its times */
+    size_t dir_slot_cap;
+    uint64_t index_bytes; /* memory held by layer, dirs and dir_slot, bounded by max_index_bytes */
 };
 
 static int fail(struct xctx *x, const char *code, int errnum, const char *fmt, ...)
@@ -311,6 +314,25 @@ static int fail_errno(struct xctx *x, int errnum, const char *what)
     default:
         return fail(x, "io", errnum, "%s", what);
     }
+}
+
+/* Accounts n more bytes of the layer's own index (what this layer wrote, directories to re-time). */
+static int index_charge(struct xctx *x, uint64_t n)
+{
+    x->index_bytes += n;
+    if (x->index_bytes > x->lim.max_index_bytes)
+        return fail(x, "limit", 0, "the layer's index exceeds max_index_bytes (%llu): too many long names",
+                    (unsigned long long)x->lim.max_index_bytes);
+    return 0;
+}
+
+/* wset_add, charged to the index budget. */
+static int layer_add(struct xctx *x, uint64_t ino, const char *name)
+{
+    int r = wset_add(&x->layer, ino, name);
+    if (r < 0)
+        return fail(x, "io", ENOMEM, "recording a path");
+    return r ? index_charge(x, sizeof(struct wkey) + strlen(name) + 2 * sizeof(void *)) : 0;
 }
 
 static int openat2_in_root(int root, const char *path, int flags)
@@ -434,11 +456,13 @@ static int make_parents(struct xctx *x, char *path, size_t len)
             comp = comp ? comp + 1 : path;
             struct stat pst;
             if (mkdirat(prev, comp, 0755) == 0) {
-                if (fstat(prev, &pst) < 0 || wset_add(&x->layer, (uint64_t)pst.st_ino, comp) < 0) {
+                int bad = fstat(prev, &pst) < 0 ? fail(x, "io", errno, "inspecting a parent directory")
+                                                : layer_add(x, (uint64_t)pst.st_ino, comp);
+                if (bad < 0) {
                     path[i] = saved;
                     if (prev != x->root)
                         close(prev);
-                    return fail(x, "io", ENOMEM, "recording a path");
+                    return -1;
                 }
             } else if (errno != EEXIST) {
                 int e = errno;
@@ -660,8 +684,46 @@ static int apply_fd_meta(struct xctx *x, struct archive_entry *e, int fd)
     return apply_xattrs(x, e, fd);
 }
 
+static uint64_t path_hash(const char *s, size_t n) { return wkey_hash(0, s, n); }
+
+static int dir_slot_grow(struct xctx *x)
+{
+    size_t ncap = x->dir_slot_cap ? x->dir_slot_cap * 2 : 1024;
+    size_t *ns = calloc(ncap, sizeof(*ns));
+    if (!ns)
+        return fail(x, "io", ENOMEM, "directory list");
+    if (index_charge(x, (ncap - x->dir_slot_cap) * sizeof(*ns)) < 0) {
+        free(ns);
+        return -1;
+    }
+    for (size_t i = 0; i < x->ndirs; i++) {
+        size_t j = path_hash(x->dirs[i].path, strlen(x->dirs[i].path)) & (ncap - 1);
+        while (ns[j])
+            j = (j + 1) & (ncap - 1);
+        ns[j] = i + 1;
+    }
+    free(x->dir_slot);
+    x->dir_slot = ns;
+    x->dir_slot_cap = ncap;
+    return 0;
+}
+
+/* Remembers a directory's times, to set them once the layer is complete. Each directory path is kept
+ * once (a later entry for it updates the times): repeated entries cost no memory. */
 static int remember_dir_time(struct xctx *x, const char *path, size_t len, struct archive_entry *e)
 {
+    if ((x->ndirs + 1) * 10 >= x->dir_slot_cap * 7 && dir_slot_grow(x) < 0)
+        return -1;
+    size_t j = path_hash(path, len) & (x->dir_slot_cap - 1);
+    for (; x->dir_slot[j]; j = (j + 1) & (x->dir_slot_cap - 1)) {
+        struct dir_time *d = &x->dirs[x->dir_slot[j] - 1];
+        if (strncmp(d->path, path, len) == 0 && d->path[len] == 0) {
+            entry_times(e, d->ts);
+            return 0;
+        }
+    }
+    if (index_charge(x, len + 1 + sizeof(struct dir_time) + 2 * sizeof(void *)) < 0)
+        return -1;
     if (x->ndirs == x->capdirs) {
         size_t ncap = x->capdirs ? x->capdirs * 2 : 256;
         struct dir_time *nd = realloc(x->dirs, ncap * sizeof(*nd));
@@ -678,6 +740,7 @@ static int remember_dir_time(struct xctx *x, const char *path, size_t len, struc
     x->dirs[x->ndirs].path = p;
     entry_times(e, x->dirs[x->ndirs].ts);
     x->ndirs++;
+    x->dir_slot[j] = x->ndirs;
     return 0;
 }
 
@@ -1064,8 +1127,8 @@ static int do_entry(struct xctx *x, struct archive_entry *e)
         r = do_symlink(x, e, pfd, base);
     else
         r = do_node(x, e, pfd, base);
-    if (r == 0 && wset_add(&x->layer, x->parent_ino, base) < 0)
-        return fail(x, "io", ENOMEM, "recording a path");
+    if (r == 0 && layer_add(x, x->parent_ino, base) < 0)
+        return -1;
     return r;
 }
 
@@ -1414,6 +1477,7 @@ int img_apply_layer(int root_fd, int src_fd, int64_t offset, int64_t length, con
     for (size_t i = 0; i < x.ndirs; i++)
         free(x.dirs[i].path);
     free(x.dirs);
+    free(x.dir_slot);
     wset_free(&x.layer);
     hasher_free(&x.h);
     free(x.norm);

@@ -41,6 +41,7 @@ struct img_limits {
     uint64_t max_depth;
     uint64_t max_xattr_bytes;
     uint64_t max_header_bytes;
+    uint64_t max_index_bytes; /* memory for the layer's own index: names it wrote, directories to re-time */
 };
 
 struct img_extract_stats {

@@ -65,6 +65,9 @@ class Limits:
     max_depth: int = 128
     max_xattr_bytes: int = 65536
     max_header_bytes: int = 1 << 20
+    # Memory for the layer's own index (names it wrote, paths of directories whose times are set at the
+    # end): without it a small compressed blob of long paths could make the helper allocate gigabytes.
+    max_index_bytes: int = 256 << 20
 
 
 @dataclass

@@ -637,3 +637,33 @@ def test_refusals_leak_no_file_descriptors(box: Sandbox) -> None:
         with pytest.raises(ExtractError):
             box.apply(attack)
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+# ---------- memory of the extractor's own bookkeeping (a small blob must not make the helper huge) ----------
+
+
+def _long_dir(n_components: int, leaf: str = "") -> str:
+    return "/".join(["d" * 200] * n_components) + (f"/{leaf}" if leaf else "") + "/"
+
+
+def test_repeated_directory_entry_bomb_does_not_grow_memory(box: Sandbox) -> None:
+    # The same 4 KB directory path archived 2000 times compresses to a few KB; each entry used to keep its own
+    # copy of the path until the end of the layer (100k entries: ~400 MB of helper memory from a 47 KB blob).
+    one = t.pax({"path": _long_dir(19)}) + t.directory("x/")
+    stats = applied(box, t.zst(t.tar(*([one] * 2000))), limits=Limits(max_index_bytes=256 << 10))
+    assert stats[0].dirs == 2000
+
+
+def test_many_long_directory_paths_bomb_is_bounded_by_max_index_bytes(box: Sandbox) -> None:
+    # Distinct directories with long paths: their mtimes are set at the end of the layer, so their paths are
+    # kept; the memory for that is a limit, not whatever the blob asks for.
+    dirs = [t.pax({"path": _long_dir(5, f"s{i}")}) + t.directory("x/") for i in range(400)]
+    e = refused(box, "limit", t.tar(*dirs), limits=Limits(max_index_bytes=64 << 10))
+    assert "max_index_bytes" in e.reason and e.entry.startswith("d" * 200)
+
+
+def test_many_names_written_bomb_is_bounded_by_max_index_bytes(box: Sandbox) -> None:
+    # Every name the layer writes is remembered (its own whiteouts never remove it): long names cost memory.
+    files = [t.pax({"path": f"{i:04d}" + "n" * 240}) + t.file("x") for i in range(600)]
+    e = refused(box, "limit", t.tar(*files), limits=Limits(max_index_bytes=64 << 10))
+    assert "max_index_bytes" in e.reason
