@@ -230,13 +230,30 @@ def parse_request(obj: Any, n_fds: int) -> Request:
 
 
 def encode(obj: dict[str, Any]) -> bytes:
-    body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    # ASCII with \u escapes: a lone surrogate echoed from a request (e.g. in error.field) stays sendable
+    body = json.dumps(obj, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
     return HEADER.pack(len(body)) + body
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """JSON parsers disagree on duplicate keys (first or last wins): refuse them; a frame means one thing."""
+    obj: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in obj:
+            raise _DuplicateKey(f"duplicate key {k[:64]!r}")
+        obj[k] = v
+    return obj
 
 
 def decode(body: bytes) -> Any:
     try:
-        return json.loads(body.decode("utf-8"))
+        return json.loads(body.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as e:
+        raise ProtocolError(BAD_FRAME, f"frame has a {e}") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ProtocolError(BAD_FRAME, f"frame is not UTF-8 JSON: {str(e)[:100]}") from None
 

@@ -310,3 +310,34 @@ def test_random_damaged_requests_only_raise_protocol_errors() -> None:
             want = int if f.kind in ("int", "fd") else str
             assert (v is None and f.nullable) or type(v) is want
     assert accepted > 0
+
+
+# ---- JSON the strict schema must not let through ----
+
+
+def test_duplicate_keys_attack() -> None:
+    """json.loads keeps the LAST of duplicate keys, another parser may keep the first: a frame that reads as
+    one verb to a logger or proxy and as another to the helper is refused outright."""
+    for body in (b'{"v":1,"id":1,"verb":"status","verb":"delete_layer","args":{}}',
+                 b'{"v":1,"id":1,"verb":"activate","args":{"name":"a","name":"b","chain_id":"x"}}'):
+        with pytest.raises(P.ProtocolError) as ei:
+            P.decode(body)
+        assert ei.value.code == P.BAD_FRAME and "duplicate" in ei.value.message
+
+
+def test_lone_surrogate_in_a_name_attack() -> None:
+    """JSON may escape a lone UTF-16 surrogate (not encodable as UTF-8); an error naming it must still be
+    sendable, or the client gets no reply at all."""
+    obj = P.decode(b'{"v":1,"id":7,"verb":"status","args":{"\\ud800":1}}')
+    e = rejected(obj)
+    assert e.code == P.BAD_REQUEST
+    frame = P.encode({"v": 1, "id": 7, "ok": False, "error": e.to_error()})
+    assert P.decode(frame[4:])["error"]["field"] == "args.\ud800"
+
+
+def test_huge_integer_literal_attack() -> None:
+    """A 100k-digit integer must not cost quadratic time to convert; it is a bad frame."""
+    t0 = time.monotonic()
+    with pytest.raises(P.ProtocolError) as ei:
+        P.decode(b'{"v":1,"id":' + b"9" * 100_000 + b',"verb":"status"}')
+    assert ei.value.code == P.BAD_FRAME and time.monotonic() - t0 < 1

@@ -230,6 +230,21 @@ def test_deeply_nested_json_attack(helper: HelperProc) -> None:
     still_serving(helper)
 
 
+def test_lone_surrogate_field_name_attack(helper: HelperProc) -> None:
+    """An unknown argument named by an escaped lone surrogate: its error still reaches the client"""
+    body = b'{"v":1,"id":7,"verb":"status","args":{"\\ud800":1}}'
+    frames = raw(helper, struct.pack(">I", len(body)) + body)
+    assert [(f["id"], f["error"]["code"]) for f in frames] == [(7, "bad-request")]
+    still_serving(helper)
+
+
+def test_duplicate_keys_attack(helper: HelperProc) -> None:
+    body = b'{"v":1,"id":3,"verb":"status","verb":"delete_layer","args":{}}'
+    frames = raw(helper, struct.pack(">I", len(body)) + body)
+    assert [f["error"]["code"] for f in frames] == ["bad-frame"]
+    still_serving(helper)
+
+
 def test_many_requests_on_one_connection(helper: HelperProc) -> None:
     data = b"".join(frame({"v": 1, "id": i, "verb": "status", "args": {}}) for i in range(5))
     frames = raw(helper, data)
