@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "daemon": "img.cli_daemon:daemon",
     "status": "img.cli_status:status",
     "tui": "img.tui:tui",
+    "rm": "img.cli_rm:rm",
 }
 
 

@@ -266,3 +266,18 @@ def test_daemon_processes_spooled_refs(env: dict[str, str]) -> None:
     assert d.returncode == 0, err
     listed = json.loads(img(env, "list", "--json").stdout)["images"]
     assert [(i["name"], i["state"]) for i in listed] == [("alpha", "ready")]
+
+
+def test_rm_then_gc_frees_devices_and_blobs(env: dict[str, str]) -> None:
+    assert img(env, "process", "alpha").returncode == 0
+    assert img(env, "process", "beta").returncode == 0
+    r = img(env, "rm", "beta", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["image_forgotten"] is True
+    plan = json.loads(img(env, "gc", "--dry-run", "--json").stdout)
+    assert len(plan["devices"]) == 1 and len(plan["blobs"]) == 1  # beta's own top layer and its blob
+    assert img(env, "gc").returncode == 0
+    after = json.loads(img(env, "gc", "--dry-run", "--json").stdout)
+    assert after["devices"] == [] and after["blobs"] == []
+    assert [i["name"] for i in json.loads(img(env, "list", "--json").stdout)["images"]] == ["alpha"]
+    assert img(env, "rm", "nope").returncode == 2
