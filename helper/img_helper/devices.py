@@ -168,6 +168,7 @@ class Devices:
                     dm.create_thin(self.pool, tid)
                 else:
                     with dm.suspended(origin.device if dm.info(origin.device) else None):
+                        crash_point(f"{op}:suspended")
                         dm.create_snap(self.pool, tid, origin.thin_id)
             except dm.DmExists as e:
                 # First attempt on a fresh id: it was in the pool before we ever sent it. Not ours.
@@ -515,9 +516,17 @@ class Devices:
     def reconcile(self) -> dict[str, Any]:
         """Brings the record and the pool back in line after a crash. Returns what it did."""
         report: dict[str, Any] = {"replayed": [], "quarantined": [], "discarded_layers": [],
-                                  "discarded_activations": [], "deleted_orphans": [], "unknown_devices": []}
+                                  "discarded_activations": [], "deleted_orphans": [], "unknown_devices": [],
+                                  "resumed": []}
         with self._pool_lock:
             report["pool"] = self.check_pool_identity()
+            # A crash between suspend and resume (around create_snap) leaves the origin suspended.
+            rows = [(r.device, r.uuid) for r in self.record.layers()]
+            for device, uuid in rows + [(a.device, a.uuid) for a in self.record.activations()]:
+                d = dm.info(device)
+                if d is not None and d.uuid == uuid and d.suspended:
+                    dm.resume(device)
+                    report["resumed"].append(device)
             for intent in self.record.pending_intents():
                 report["replayed"].append(self._replay(intent))
             for layer in self.record.layers():

@@ -55,9 +55,11 @@ CASES = [
     ("layer0", "create_thin:after-intent"), ("layer0", "create_thin:after-op"),
     ("layer0", "layer:after-create"), ("layer0", "layer:before-apply"), ("layer0", "layer:during-apply"),
     ("layer0", "layer:after-apply"), ("layer0", "layer:after-complete"),
-    ("layer1", "create_snap:after-intent"), ("layer1", "create_snap:after-op"),
+    ("layer1", "create_snap:after-intent"), ("layer1", "create_snap:suspended"),
+    ("layer1", "create_snap:after-op"),
     ("layer1", "layer:after-create"), ("layer1", "layer:during-apply"), ("layer1", "layer:after-apply"),
-    ("activate", "create_snap:after-intent"), ("activate", "create_snap:after-op"),
+    ("activate", "create_snap:after-intent"), ("activate", "create_snap:suspended"),
+    ("activate", "create_snap:after-op"),
     ("activate", "activate:after-create"), ("activate", "activate:after-device"),
     ("deactivate", "delete:after-intent"), ("deactivate", "delete:after-op"),
     ("delete_layer", "delete:after-intent"), ("delete_layer", "delete:after-op"),
@@ -149,7 +151,7 @@ def assert_consistent(svc: Service, pool: str) -> None:
     layer_devices = {r.device for r in layers}
     for n in ours:
         d = dm.info(n)
-        assert d is not None and d.open_count == 0  # no mount left behind
+        assert d is not None and d.open_count == 0 and not d.suspended  # no mount, no suspended origin
         assert d.read_only == (n in layer_devices)  # complete layers are read-only, activations not
 
 
@@ -159,9 +161,14 @@ def test_kill_9_then_reconcile(thin_pool: ThinPool, tmp_path: Path, step: str, p
     sc.prepare(step)
     r = sc.crash(step, point)
     assert r.returncode == -signal.SIGKILL, f"not killed at {point}: rc={r.returncode} {r.stdout} {r.stderr}"
+    origin = layer_names(sc.cids[0 if step == "layer1" else 1])[0]
+    if point.endswith(":suspended"):  # the helper died with the origin suspended
+        d = dm.info(origin)
+        assert d is not None and d.suspended
     svc = sc.service()  # restart: reconcile
     try:
         assert svc.last_reconcile["quarantined"] == []
+        assert svc.last_reconcile["resumed"] == ([origin] if point.endswith(":suspended") else [])
         assert_consistent(svc, thin_pool.name)
         again = sc.run_in_process(svc, step)  # the retry completes the step
         assert_consistent(svc, thin_pool.name)
@@ -183,7 +190,7 @@ def test_kill_9_then_reconcile(thin_pool: ThinPool, tmp_path: Path, step: str, p
         svc = sc.service()
         rep = svc.last_reconcile
         assert not any(rep[k] for k in ("replayed", "discarded_layers", "discarded_activations",
-                                        "deleted_orphans", "quarantined", "unknown_devices")), rep
+                                        "deleted_orphans", "quarantined", "unknown_devices", "resumed")), rep
     finally:
         svc.close()
 
