@@ -34,10 +34,41 @@ class AlreadyRunning(ServeError):
         self.lock_path = lock_path
 
 
+class UnsafeDirectory(ServeError):
+    def __init__(self, what: str, path: Path, why: str) -> None:
+        super().__init__(f"the {what} {path} {why}; refusing to use it (make it owned by root and writable "
+                         "by root only)")
+        self.path = path
+
+
+def check_private_dir(path: Path, what: str) -> None:
+    """path (an existing directory, symlinks resolved) must be beyond other users' reach: owned by us and
+    writable by us only; every ancestor owned by root or us and not writable by others unless sticky (a
+    sticky dir's entries can only be renamed by their owner). Otherwise another user could swap what we
+    create there (a symlink in place of the socket before its chown/chmod) or plant state."""
+    euid = os.geteuid()
+    real = path.resolve(strict=True)
+    st = os.lstat(real)
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafeDirectory(what, path, "is not a directory")
+    if st.st_uid != euid:
+        raise UnsafeDirectory(what, path, f"is owned by uid {st.st_uid}, not {euid}")
+    if st.st_mode & 0o022:
+        raise UnsafeDirectory(what, path, f"is writable by other users (mode {stat.S_IMODE(st.st_mode):o})")
+    for anc in real.parents:
+        ast = os.lstat(anc)
+        if ast.st_uid not in (0, euid):
+            raise UnsafeDirectory(what, path, f"lies under {anc}, owned by uid {ast.st_uid}")
+        if ast.st_mode & 0o022 and not ast.st_mode & stat.S_ISVTX:
+            raise UnsafeDirectory(what, path, f"lies under {anc}, writable by other users")
+
+
 def take_instance_lock(state_dir: Path) -> int:
     """flock the state dir's lock file for the life of the process (released by the kernel on exit,
-    kill -9 included). Returns the fd; raises AlreadyRunning."""
+    kill -9 included). Returns the fd; raises AlreadyRunning, or UnsafeDirectory if another user could
+    write the state dir."""
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    check_private_dir(state_dir, "state dir")
     path = state_dir / LOCK_NAME
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
@@ -56,25 +87,25 @@ def take_instance_lock(state_dir: Path) -> int:
 
 def bind_socket(path: Path, gid: int) -> socket.socket:
     """Bind path as a listening socket, mode 0660 root:gid. A missing parent dir is created 0750
-    root:gid (an existing one is left alone). Call with the instance lock held: a socket already at
-    path is a dead instance's and is replaced."""
+    root:gid (an existing one is left alone, but must be beyond other users' reach: check_private_dir).
+    Call with the instance lock held: a socket already at path is a dead instance's and is replaced."""
     parent = path.parent
     if not parent.exists():
         parent.mkdir(mode=0o750, parents=True)
         os.chown(parent, 0, gid)
         os.chmod(parent, 0o750)  # noqa: S103 -- group img must reach the socket inside
+    check_private_dir(parent, "socket dir")
     with contextlib.suppress(FileNotFoundError):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise ServeError(f"{path} exists and is not a socket; refusing to replace it")
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    old = os.umask(0o177)  # no window where the socket is reachable by others
+    old = os.umask(0o117)  # born 0660 (root's group until the chown): no chmod, which would follow a symlink
     try:
         sock.bind(str(path))
     finally:
         os.umask(old)
-    os.chown(path, 0, gid)
-    os.chmod(path, 0o660)
+    os.chown(path, 0, gid, follow_symlinks=False)
     sock.listen(128)
     return sock
 

@@ -612,6 +612,63 @@ def test_symlinked_lock_file_attack(workdir: Path) -> None:
     assert "cannot open the instance lock" in h.output() and target.read_text() == "keep"
 
 
+def refused_to_start(h: HelperProc) -> str:
+    h.start(expect_ready=False)
+    assert h.proc is not None
+    try:
+        rc = h.proc.wait(20)
+    except subprocess.TimeoutExpired:
+        h.stop()
+        raise AssertionError(f"the helper started:\n{h.output()}") from None
+    assert rc == 1, h.output()
+    return h.output()
+
+
+def test_socket_dir_writable_by_others_attack(workdir: Path) -> None:
+    """Another user who can write the socket's directory could swap the fresh socket for a symlink before
+    the chown/chmod (to /etc/shadow: root:img 0660), or squat the path: the helper refuses such a dir."""
+    run = workdir / "run"
+    run.mkdir()
+    run.chmod(0o777)
+    out = refused_to_start(HelperProc(workdir))
+    assert "writable by other users" in out and not (run / "helper.sock").exists()
+
+
+def test_socket_dir_symlink_to_a_sticky_shared_dir_attack(workdir: Path) -> None:
+    shared = workdir / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    (workdir / "run").symlink_to(shared)
+    out = refused_to_start(HelperProc(workdir))
+    assert "writable by other users" in out and not (shared / "helper.sock").exists()
+
+
+def test_socket_dir_under_a_dir_writable_by_others_attack(workdir: Path) -> None:
+    """An ancestor writable by others (not sticky) lets them rename the socket dir away and put their own."""
+    top = workdir / "top"
+    top.mkdir()
+    top.chmod(0o777)
+    (top / "run").mkdir(mode=0o755)
+    out = refused_to_start(HelperProc(workdir, socket_path=top / "run" / "helper.sock"))
+    assert "writable by other users" in out
+
+
+@pytest.mark.parametrize("kind", ["world-writable", "group-writable", "owned by nobody"])
+def test_state_dir_others_can_write_attack(workdir: Path, kind: str) -> None:
+    """The state dir holds the instance lock and the thin-id record: another user who can write it could
+    plant records or hold the lock. It must be ours and private."""
+    state = workdir / "state"
+    state.mkdir(mode=0o700)
+    if kind == "world-writable":
+        state.chmod(0o777)
+    elif kind == "group-writable":
+        state.chmod(0o770)
+    else:
+        os.chown(state, NOBODY, NOBODY)
+    out = refused_to_start(HelperProc(workdir))
+    assert "state dir" in out and not (workdir / "run").exists()
+
+
 def test_kill9_then_restart(workdir: Path) -> None:
     h = start(workdir)
     os.kill(h.pid, 9)
