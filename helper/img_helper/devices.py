@@ -11,7 +11,9 @@ Device-mapper names and UUIDs (our prefixes, so our devices are recognisable aft
 Every pool change goes through _pool_create/_pool_delete: the thin id is allocated and committed to the
 record first, an intent is committed before the message and finished after it; reconcile() replays
 pending intents after a crash (EEXIST on create = done, ENODATA on delete = gone, anything else =
-quarantine) and then discards whatever was half built.
+quarantine) and then discards whatever was half built. The pool's transaction id is set once to a random
+stamp the record keeps: a pool found back at 0 was re-created empty (the record forgets its contents),
+any other value means another manager, and the helper refuses the pool.
 
 Layer states: creating (thin exists, no filesystem yet) -> applying -> complete. Complete layer devices
 are kept active read-only; the filesystem is only ever mounted inside apply_child's private namespace.
@@ -520,6 +522,11 @@ class Devices:
                                   "resumed": []}
         with self._pool_lock:
             report["pool"] = self.check_pool_identity()
+            for stale in (self.work_dir / "mnt").glob("layer.*"):  # mount points of apply children that died
+                try:
+                    stale.rmdir()  # empty: the mount lived in the dead child's namespace
+                except OSError:
+                    pass
             # A crash between suspend and resume (around create_snap) leaves the origin suspended.
             rows = [(r.device, r.uuid) for r in self.record.layers()]
             for device, uuid in rows + [(a.device, a.uuid) for a in self.record.activations()]:

@@ -168,6 +168,7 @@ def test_kill_9_then_reconcile(thin_pool: ThinPool, tmp_path: Path, step: str, p
     svc = sc.service()  # restart: reconcile
     try:
         assert svc.last_reconcile["quarantined"] == []
+        assert list((sc.state / "mnt").glob("layer.*")) == []
         assert svc.last_reconcile["resumed"] == ([origin] if point.endswith(":suspended") else [])
         assert_consistent(svc, thin_pool.name)
         again = sc.run_in_process(svc, step)  # the retry completes the step
