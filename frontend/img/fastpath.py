@@ -86,7 +86,10 @@ def try_active(argv: list[str]) -> bool:
     try:
         c = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
         try:
-            q = "SELECT ref, chain_id, device FROM activations WHERE name = ?"
+            # the image's run must have finished too (state ready, set by its last step's finalizer): a run
+            # killed after activating is left for the full path to finish
+            q = ("SELECT a.ref, a.chain_id, a.device FROM activations a JOIN images i ON i.ref = a.ref "
+                 "WHERE a.name = ? AND i.state = 'ready' AND i.chain_id = a.chain_id")
             row = c.execute(q, (name,)).fetchone()
         finally:
             c.close()

@@ -352,13 +352,16 @@ def open_store(path: Path | str) -> Store:
 
 
 def peek_activation(db_path: Path | str, name: str) -> Activation | None:
-    """The fast path's read: no migration, no write, no WAL switch; None if the store does not exist yet."""
+    """The fast path's read: the activation of a finished pull, or None (also if there is no store yet).
+    No migration, no write, no WAL switch."""
     try:
         c = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
     except sqlite3.Error:
         return None
     try:
-        row = c.execute("SELECT * FROM activations WHERE name=?", (name,)).fetchone()
+        # only a finished pull counts (the image's run sets state ready last)
+        row = c.execute("SELECT a.* FROM activations a JOIN images i ON i.ref = a.ref WHERE a.name=? "
+                        "AND i.state = 'ready' AND i.chain_id = a.chain_id", (name,)).fetchone()
     except sqlite3.Error:
         return None
     finally:

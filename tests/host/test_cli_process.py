@@ -281,3 +281,18 @@ def test_rm_then_gc_frees_devices_and_blobs(env: dict[str, str]) -> None:
     assert after["devices"] == [] and after["blobs"] == []
     assert [i["name"] for i in json.loads(img(env, "list", "--json").stdout)["images"]] == ["alpha"]
     assert img(env, "rm", "nope").returncode == 2
+
+
+def test_fast_path_does_not_skip_a_run_killed_after_activating(env: dict[str, str], tmp_path: Path) -> None:
+    r = img({**env, "IMG_CRASH_AT": "activate:after"}, "process", "alpha")
+    assert r.returncode == -signal.SIGKILL
+    dev = tmp_path / "device"
+    dev.write_text("")
+    db = sqlite3.connect(Path(env["IMG_HOME"]) / "img.db")
+    db.execute("UPDATE activations SET device = ?", (str(dev),))  # as if the device exists
+    db.commit()
+    r = img(env, "process", "alpha", "--json")
+    assert r.returncode == 0, r.stderr
+    runs = json.loads(img(env, "runs", "--json").stdout)["runs"]
+    assert not [x for x in runs if x["active"]]  # the killed run was finished, not skipped
+    assert [i["state"] for i in json.loads(img(env, "list", "--json").stdout)["images"]] == ["ready"]

@@ -29,7 +29,8 @@ BIN = Path(sys.executable).parent
 IMG = str(BIN / "img")
 BUCKET = "img-demo"
 ARCHIVE_KEYS = {"docker_archive": "archives/docker-alpha.tar", "oci_archive": "archives/oci-gamma.tar",
-                "oci_archive_zstd": "archives/oci-beta-zstd.tar"}
+                "oci_archive_zstd": "archives/oci-beta-zstd.tar",
+                "oci_archive_mixed": "archives/oci-alpha-mixed.tar"}
 
 
 class Stack:
