@@ -100,12 +100,14 @@ def bind_socket(path: Path, gid: int) -> socket.socket:
             raise ServeError(f"{path} exists and is not a socket; refusing to replace it")
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    old = os.umask(0o117)  # born 0660 (root's group until the chown): no chmod, which would follow a symlink
+    old = os.umask(0o177)  # no window where the socket is reachable by others
     try:
         sock.bind(str(path))
     finally:
         os.umask(old)
+    # Only we can write the parent (check_private_dir), so nothing can swap the socket for a symlink here.
     os.chown(path, 0, gid, follow_symlinks=False)
+    os.chmod(path, 0o660)  # explicitly: some filesystems (hostfs) apply their own umask at bind
     sock.listen(128)
     return sock
 
