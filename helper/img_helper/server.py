@@ -204,7 +204,13 @@ class Connection:
     def _dispatch(self, req: P.Request, deadline: float) -> bool:
         """Run the call in a worker; stream its progress (coalesced) and send the final reply."""
         events: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self.server.start_worker(req, deadline, events)  # the worker owns req.fds from here on
+        try:
+            self.server.start_worker(req, deadline, events)  # the worker owns req.fds from here on
+        except RuntimeError as e:  # no thread to be had (memory, task limits): this request only fails
+            P.close_fds(req.fds)
+            log.warning("cannot start a worker for %s: %s", req.verb, e)
+            return self._reply_error(req.id, {"code": P.BUSY, "message": (
+                "the helper cannot start a thread now (out of memory or tasks); retry later")})
         interval = self.server.limits.progress_interval
         last_sent = 0.0
         pending: dict[str, Any] | None = None  # latest progress not yet sent
@@ -331,7 +337,13 @@ class Server:
             peer.close()
             self._refuse(sock, P.BUSY, "too many connections; retry later")
             return
-        t.start()
+        try:
+            t.start()
+        except RuntimeError as e:  # no thread to be had: turn this one away, keep accepting
+            log.warning("cannot start a connection thread: %s", e)
+            self.release(conn)
+            self._refuse(sock, P.BUSY, "the helper cannot start a thread now (out of memory or tasks); "
+                         "retry later")
 
     def _refuse(self, sock: socket.socket, code: str, message: str) -> None:
         with contextlib.suppress(OSError):
@@ -360,7 +372,12 @@ class Server:
                              daemon=True)
         with self._mu:
             self._workers.add(t)
-        t.start()
+        try:
+            t.start()
+        except RuntimeError:
+            with self._mu:
+                self._workers.discard(t)
+            raise
 
     @contextlib.contextmanager
     def _locks_for(self, req: P.Request, deadline: float) -> Iterator[bool]:
@@ -429,7 +446,10 @@ class Server:
             threads = [t for _, t in conns] + workers
             if not threads or time.monotonic() >= deadline:
                 break
-            threads[0].join(timeout=min(0.2, max(0.0, deadline - time.monotonic())))
+            if threads[0].ident is None:  # registered, not started yet (or failing to start)
+                time.sleep(0.01)
+            else:
+                threads[0].join(timeout=min(0.2, max(0.0, deadline - time.monotonic())))
         self.unfinished = len(threads)
         if threads:
             log.warning("shutdown: %d request(s) still running after %g s; exiting anyway",
