@@ -270,6 +270,8 @@ struct xctx {
     uid_t euid;
     gid_t egid, root_sgid, parent_sgid;
     uint64_t root_ino, parent_ino; /* parent_*: of the directory open_parent() returned last */
+    uint64_t root_mnt; /* the root's mount id (statx), or 0 if unknown: removal never crosses a mount */
+    dev_t root_dev;
     mode_t umask; /* NO_UMASK if unknown */
 
     struct wset layer;
@@ -582,6 +584,18 @@ static int empty_dir(struct xctx *x, int fd, int keep_layer, int depth)
     return rc;
 }
 
+/* Whether dfd/name (not followed) is a mount point of another filesystem: writes never enter one
+ * (RESOLVE_NO_XDEV), and neither does removal. By mount id where statx has it (overlayfs reports other
+ * st_dev values for its files), else by the device of a directory. */
+static int other_mount(struct xctx *x, int dfd, const char *name, const struct stat *st)
+{
+    struct statx sx;
+    if (x->root_mnt && statx(dfd, name, AT_SYMLINK_NOFOLLOW | AT_NO_AUTOMOUNT, STATX_MNT_ID, &sx) == 0 &&
+        (sx.stx_mask & STATX_MNT_ID))
+        return sx.stx_mnt_id != x->root_mnt;
+    return S_ISDIR(st->st_mode) && st->st_dev != x->root_dev;
+}
+
 /* Removes dfd/name, never following it (a whole tree for a directory). dino: dfd's inode, for the
  * keep_layer lookups. */
 static int remove_at(struct xctx *x, int dfd, uint64_t dino, const char *name, int keep_layer, int depth)
@@ -589,6 +603,9 @@ static int remove_at(struct xctx *x, int dfd, uint64_t dino, const char *name, i
     struct stat st;
     if (fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) < 0)
         return errno == ENOENT ? 0 : fail(x, "io", errno, "inspecting an object to remove");
+    if (other_mount(x, dfd, name, &st))
+        return fail(x, "path", EXDEV, "removing \"%.64s\": it is on another filesystem (a mount point)",
+                    name);
     int in_layer = keep_layer && wset_has(&x->layer, dino, name);
     if (!S_ISDIR(st.st_mode)) {
         if (!in_layer && unlinkat(dfd, name, 0) < 0 && errno != ENOENT)
@@ -1459,6 +1476,13 @@ int img_apply_layer(int root_fd, int src_fd, int64_t offset, int64_t length, con
     x.norm = malloc(x.lim.max_path_len + 2);
     x.target = malloc(x.lim.max_path_len + 2);
     x.cache_path = malloc(x.lim.max_path_len + 2);
+    struct stat rst;
+    struct statx rsx;
+    if (x.root >= 0 && fstat(x.root, &rst) == 0)
+        x.root_dev = rst.st_dev;
+    if (x.root >= 0 && statx(x.root, "", AT_EMPTY_PATH, STATX_MNT_ID, &rsx) == 0 &&
+        (rsx.stx_mask & STATX_MNT_ID))
+        x.root_mnt = rsx.stx_mnt_id;
     if (x.root < 0 || dir_info(x.root, &x.root_ino, &x.root_sgid) < 0)
         fail(&x, "io", errno, "opening the root directory");
     else if (hashing < 0 || !x.norm || !x.target || !x.cache_path)

@@ -4,9 +4,11 @@ and checks host canaries such as /etc/img-hostile-pwned); many also assert the e
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -667,3 +669,42 @@ def test_many_names_written_bomb_is_bounded_by_max_index_bytes(box: Sandbox) -> 
     files = [t.pax({"path": f"{i:04d}" + "n" * 240}) + t.file("x") for i in range(600)]
     e = refused(box, "limit", t.tar(*files), limits=Limits(max_index_bytes=64 << 10))
     assert "max_index_bytes" in e.reason
+
+
+# ---------- removal never leaves the root's filesystem ----------
+
+_MOUNTED = r'''
+import json, os, subprocess, sys
+sys.path.insert(0, os.getcwd())
+from img_helper.extract import ExtractError, LayerSource, apply_layer
+root, blob = sys.argv[1], sys.argv[2]
+os.makedirs(root + "/mnt")
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "none", root + "/mnt"], check=True)
+open(root + "/mnt/other-fs-file", "w").write("precious")
+r, f = os.open(root, os.O_RDONLY), os.open(blob, os.O_RDONLY)
+try:
+    apply_layer(r, LayerSource(f))
+    out = {"ok": True}
+except ExtractError as e:
+    out = {"code": e.code, "reason": e.reason}
+out["left"] = sorted(os.listdir(root + "/mnt"))
+print(json.dumps(out))
+'''
+
+
+@pytest.mark.parametrize("layer", [t.tar(t.whiteout("", "mnt")), t.tar(t.file("mnt", b"x")),
+                                   t.tar(t.opaque(""))], ids=["whiteout", "replaced", "root-opaque"])
+def test_whiteout_into_a_mounted_filesystem_attack(box: Sandbox, layer: bytes) -> None:
+    """A directory of the root that is a mount point (another filesystem): a whiteout or a replacement must
+    not empty it, as writes can't enter it (RESOLVE_NO_XDEV)."""
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("no mount namespaces here")
+    blob = box.blobs / "layer"
+    blob.write_bytes(layer)
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", sys.executable, "-c", _MOUNTED,
+                        str(box.root), str(blob)], capture_output=True, text=True, timeout=60,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["left"] == ["other-fs-file"], out
+    assert out.get("code") == "path" and "another filesystem" in out["reason"], out
