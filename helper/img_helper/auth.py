@@ -5,6 +5,15 @@ that process (SO_PEERPIDFD on Linux >= 6.5, else pidfd_open(pid)), and its start
 /proc/<pid>/stat. Nothing in a request can change it. Each request is then checked with polkit
 (root peers skip polkit), and afterwards the pidfd must still be alive with the same start time, so a
 pid recycled during the check can't borrow the caller's authorization.
+
+What the identity means: SO_PEERCRED records the process that called connect(), with the credentials
+it had at that moment. Whoever holds the socket afterwards (a child after fork, a process it was passed
+to by SCM_RIGHTS) speaks with the connector's authority, but only while the connector lives, is the same
+process (start time, pidfd) and still has the effective uid it connected with: a root or setuid-root
+process that connects, then drops privileges or dies, leaves no root-standing socket behind (PEER_GONE).
+Handing a live connection to another process is delegation by the connector, as with any fd. On kernels
+without SO_PEERPIDFD (< 6.5) a connector that exits before accept() and whose pid is reused at once by a
+process of the same uid is indistinguishable from it; polkit is still asked about that uid.
 """
 
 from __future__ import annotations
@@ -58,6 +67,19 @@ def proc_start_time(pid: int) -> int:
     return int(rest[19])
 
 
+def proc_euid(pid: int) -> int:
+    """The effective uid of /proc/<pid>/status (in our user namespace, like SO_PEERCRED's).
+    Raises ProcessLookupError if the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    return int(line.split()[2])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    raise ProcessLookupError(pid)
+
+
 def pidfd_alive(pidfd: int) -> bool:
     """A pidfd polls readable once its process has exited."""
     p = select.poll()
@@ -108,13 +130,18 @@ class PeerIdentity:
         return ident
 
     def check_alive(self) -> None:
-        """Still the same process? (pidfd not exited, same start time.) Raise AuthError(PEER_GONE)."""
+        """Still the same process (pidfd not exited, same start time), with the effective uid it
+        connected with? Raise AuthError(PEER_GONE)."""
         try:
             same = proc_start_time(self.pid) == self.start_time
+            euid = proc_euid(self.pid)
         except ProcessLookupError:
-            same = False
+            same, euid = False, self.uid
         if not same or (self.pidfd >= 0 and not pidfd_alive(self.pidfd)):
             raise AuthError(PEER_GONE, f"peer process {self.pid} exited or its pid was recycled")
+        if euid != self.uid:
+            raise AuthError(PEER_GONE, f"peer process {self.pid} connected as uid {self.uid} and now runs as "
+                            f"uid {euid}: its connection no longer speaks for uid {self.uid}")
 
     def close(self) -> None:
         if self.pidfd >= 0:

@@ -296,6 +296,35 @@ def test_identity_claimed_in_request_attack(helper: HelperProc, claim: dict[str,
     assert reply["error"]["field"] == "args." + next(iter(claim))
 
 
+@pytest.mark.parametrize("when", ["before-accept", "after-first-request"])
+def test_root_connects_then_drops_privileges_attack(helper: HelperProc, when: str) -> None:
+    """SO_PEERCRED is the connector's credentials AT connect(): a root (or setuid-root) process that
+    connects, then drops to an unprivileged uid and runs untrusted code with the socket, must not keep
+    root's standing. The connector's current euid is checked with each request."""
+    code = f"""
+import json, os, socket, sys, time
+from img_helper import protocol as P
+s = socket.socket(socket.AF_UNIX); s.connect({str(helper.socket_path)!r})
+out = []
+def ask(i):
+    P.send_frame(s, {{"v": 1, "id": i, "verb": "status", "args": {{}}}})
+    r, _ = P.FrameReader(s, max_fds=0).read(10, 10)
+    out.append(r.get("error", {{}}).get("code", "ok"))
+if {when!r} == "after-first-request":
+    ask(1)
+os.setgroups([]); os.setresgid({NOBODY}, {NOBODY}, {NOBODY}); os.setresuid({NOBODY}, {NOBODY}, {NOBODY})
+time.sleep(0.2)
+ask(2)
+print(json.dumps(out))
+"""
+    r = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=60,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 0, r.stderr
+    want = (["ok"] if when == "after-first-request" else []) + ["peer-gone"]
+    assert json.loads(r.stdout) == want
+    still_serving(helper)
+
+
 @pytest.mark.parametrize(("args", "field"), [
     ({"name": 5}, "args.name"),
     ({"name": ["a"]}, "args.name"),
