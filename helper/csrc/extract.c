@@ -276,6 +276,11 @@ struct xctx {
 
     struct wset layer;
     struct inflater *inf; /* compressed blobs: decompression runs on its own thread */
+    /* bytes handed to the tar reader; while it reads a header (in_header) it may take at most
+     * max_header_bytes plus two blocks from header_fed0 on: libarchive holds a header (pax records, a GNU
+     * sparse map: one allocation per region) in memory before our limits can look at it */
+    uint64_t tar_fed, header_fed0;
+    int in_header, header_overrun;
     struct dir_time *dirs;
     size_t ndirs, capdirs;
     size_t *dir_slot; /* path -> 1 + index into dirs: a directory archived again updates its times */
@@ -349,9 +354,26 @@ static int openat2_in_root(int root, const char *path, int flags)
 
 /* ---------- reading the blob: pread on a byte range, hashing every byte handed over ---------- */
 
+#define HEADER_SLACK (2u << 20) /* read-ahead: a header may straddle blocks handed before and after it */
+
+/* Called by the tar reader's read callbacks before handing it n more bytes: 0, or -1 when the header
+ * being read has had more than its share (then the callback fails the read). */
+static int tar_feed(struct xctx *x, struct archive *a, size_t n)
+{
+    if (x->in_header && x->tar_fed - x->header_fed0 > x->lim.max_header_bytes + HEADER_SLACK) {
+        x->header_overrun = 1;
+        archive_set_error(a, EFBIG, "header exceeds max_header_bytes");
+        return -1;
+    }
+    x->tar_fed += n;
+    return 0;
+}
+
 static la_ssize_t blob_read(struct archive *a, void *cd, const void **out)
 {
     struct xctx *x = cd;
+    if (a && a == x->a && tar_feed(x, a, 0) < 0)
+        return -1;
     size_t want = READ_BLOCK;
     if (!x->to_eof) {
         uint64_t left = x->end - x->pos;
@@ -382,6 +404,8 @@ static la_ssize_t blob_read(struct archive *a, void *cd, const void **out)
     }
     hasher_submit(&x->h, (size_t)n);
     x->pos += (uint64_t)n;
+    if (a && a == x->a)
+        x->tar_fed += (uint64_t)n;
     /* the inflater thread reads while the main thread may report progress */
     __atomic_fetch_add(&x->st->blob_bytes, (uint64_t)n, __ATOMIC_RELAXED);
     *out = buf;
@@ -1164,6 +1188,9 @@ static int report(struct xctx *x)
 
 static int header_error(struct xctx *x, int r)
 {
+    if (x->header_overrun)
+        return fail(x, "limit", 0, "a header longer than max_header_bytes (%llu)",
+                    (unsigned long long)x->lim.max_header_bytes);
     if (x->read_errno)
         return fail(x, "io", x->read_errno, "reading the blob");
     if (x->short_blob)
@@ -1260,13 +1287,18 @@ static void *inflater_main(void *arg)
 /* The tar reader's read callback in the compressed case. */
 static la_ssize_t inflated_read(struct archive *a, void *cd, const void **out)
 {
-    struct inflater *f = ((struct xctx *)cd)->inf;
+    struct xctx *x = cd;
+    struct inflater *f = x->inf;
     la_ssize_t n = 0;
     pthread_mutex_lock(&f->mu);
     if (f->holding) { /* libarchive is done with the block it had */
         f->released++;
         f->holding = 0;
         pthread_cond_broadcast(&f->cv);
+    }
+    if (tar_feed(x, a, 0) < 0) {
+        pthread_mutex_unlock(&f->mu);
+        return -1;
     }
     while (f->produced == f->released && !f->done)
         pthread_cond_wait(&f->cv, &f->mu);
@@ -1275,6 +1307,7 @@ static la_ssize_t inflated_read(struct archive *a, void *cd, const void **out)
         *out = f->buf[i];
         n = (la_ssize_t)f->len[i];
         f->holding = 1;
+        x->tar_fed += (uint64_t)n;
     } else if (f->failed) {
         archive_set_error(a, f->err ? f->err : EILSEQ, "%s", f->msg);
         n = -1;
@@ -1385,8 +1418,15 @@ static int run(struct xctx *x, const char *expect)
     if (setup_reader(x) < 0)
         return -1;
     struct archive_entry *e;
-    for (;;) {
+    for (int first = 1;; first = 0) {
+        /* What the last entry left unread (a skipped node's or a hardlink's data) is skipped here, outside
+         * the header's byte budget. */
+        if (!first && archive_read_data_skip(x->a) != ARCHIVE_OK)
+            return header_error(x, ARCHIVE_FATAL);
+        x->in_header = 1;
+        x->header_fed0 = x->tar_fed;
         int r = archive_read_next_header(x->a, &e);
+        x->in_header = 0;
         if (r == ARCHIVE_EOF)
             break;
         if (r != ARCHIVE_OK) {

@@ -708,3 +708,42 @@ def test_whiteout_into_a_mounted_filesystem_attack(box: Sandbox, layer: bytes) -
     out = json.loads(r.stdout)
     assert out["left"] == ["other-fs-file"], out
     assert out.get("code") == "path" and "another filesystem" in out["reason"], out
+
+
+# ---------- headers libarchive would hold in memory before our limits see them ----------
+
+_GROWTH = r'''
+import os, sys
+sys.path.insert(0, os.getcwd())
+from img_helper.extract import ExtractError, LayerSource, Limits, apply_layer
+def peak_kb():  # VmHWM: this process's own peak (ru_maxrss carries the forking parent's over exec)
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1])
+root, blob = sys.argv[1], sys.argv[2]
+r, f = os.open(root, os.O_RDONLY), os.open(blob, os.O_RDONLY)
+before = peak_kb()
+try:
+    apply_layer(r, LayerSource(f), Limits(max_header_bytes=64 << 10))
+    print("ok")
+except ExtractError as e:
+    print(e.code, e.reason)
+print((peak_kb() - before) >> 10)
+'''
+
+
+def test_sparse_map_bomb_is_bounded_before_libarchive_holds_it(box: Sandbox) -> None:
+    """A GNU sparse 1.0 map is read by libarchive as part of the header, one allocation per region:
+    a 0.6 MB zstd blob of 2M regions cost 160 MB (8M regions: 620 MB) before max_header_bytes was checked.
+    The bytes libarchive may consume for one header are now capped while it reads them (~50 MB at most)."""
+    n = 2_000_000
+    regions = (f"{n}\n" + "".join(f"{2 * i}\n1\n" for i in range(n))).encode()
+    body = t.pad(regions) + b"x" * n
+    meta = t.pax({"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": "s",
+                  "GNU.sparse.realsize": str(2 * n)})
+    blob = box.blobs / "sparse-bomb"
+    blob.write_bytes(t.zst(t.tar(meta + t.header("GNUSparseFile.0/s", t.REG, size=len(body)) + t.pad(body))))
+    r = subprocess.run([sys.executable, "-c", _GROWTH, str(box.root), str(blob)], capture_output=True,
+                       text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 0, r.stderr
+    outcome, growth_mb = r.stdout.splitlines()
+    assert outcome.startswith("limit") and "max_header_bytes" in outcome, outcome
+    assert int(growth_mb) < 80, f"{growth_mb} MB"
