@@ -238,9 +238,13 @@ def _helper_call(verb: str, args: dict[str, Any], fds: list[int] | None = None,
     except hc.BadRequest as e:
         raise fail("rejected", f"the helper refused {verb}: {e.message}") from e
     except hc.ServiceError as e:
-        if e.code in {"escape", "limit", "corrupt", "digest", "format", "unsupported", "compressed", "link",
-                      "type", "path", "mediatype", "missing", "duplicate"}:
-            raise fail("rejected", f"image layer rejected ({e.code}): {e.message}") from e
+        # The helper reports a refused blob as code "extract" with the extractor's own code in details;
+        # "invalid" is a request it will never accept. Neither gets better by retrying.
+        if e.code == "extract":
+            why = (e.details or {}).get("extract_code", "extract")
+            raise fail("rejected", f"image layer rejected ({why}): {e.message}") from e
+        if e.code == "invalid":
+            raise fail("rejected", f"the helper refused {verb}: {e.message}") from e
         raise  # device-mapper trouble etc.: retried (bounded)
 
 
