@@ -341,3 +341,14 @@ def test_huge_integer_literal_attack() -> None:
     with pytest.raises(P.ProtocolError) as ei:
         P.decode(b'{"v":1,"id":' + b"9" * 100_000 + b',"verb":"status"}')
     assert ei.value.code == P.BAD_FRAME and time.monotonic() - t0 < 1
+
+
+def test_json_allocation_bomb_frame_attack() -> None:
+    """1 MiB of '[[],[],...]' parses into 22 MB of objects; 64 connections doing it at once cost the root
+    helper ~1.4 GB. Requests are small (the largest, ensure_layer, is under 1 KiB): frames are capped at
+    64 KiB, so a connection's parse can cost at most a few MB."""
+    assert P.MAX_REQUEST_BYTES <= 64 << 10
+    largest = P.encode({"v": 1, "id": (1 << 53) - 1, "verb": "ensure_layer", "allow_interaction": True,
+                        "args": {"chain_id": CHAIN, "parent_chain_id": CHAIN2, "blob_fd": 0,
+                                 "offset": (1 << 63) - 1, "length": (1 << 63) - 1, "blob_sha256": CHAIN}})
+    assert len(largest) < P.MAX_REQUEST_BYTES // 32
