@@ -1204,9 +1204,11 @@ static int header_error(struct xctx *x, int r)
     return fail(x, "corrupt", 0, "%s%s", r == ARCHIVE_WARN ? "refused warning: " : "", msg);
 }
 
-/* Reads the rest of the range after the tar end: the digest covers the whole blob. */
+/* Reads the rest of the range after the tar end: the digest covers the whole blob. Bounded by
+ * max_total_bytes: a range read to EOF could be a huge sparse file, or one its owner keeps appending to. */
 static int drain(struct xctx *x)
 {
+    uint64_t drained = 0;
     for (;;) {
         const void *p;
         la_ssize_t n = blob_read(NULL, x, &p);
@@ -1215,6 +1217,10 @@ static int drain(struct xctx *x)
         if (n < 0)
             return x->read_errno ? fail(x, "io", x->read_errno, "reading the blob")
                                  : fail(x, "corrupt", 0, "the blob ends before its declared length");
+        drained += (uint64_t)n;
+        if (drained > x->lim.max_total_bytes)
+            return fail(x, "limit", 0, "trailing data after the tar exceeds max_total_bytes (%llu)",
+                        (unsigned long long)x->lim.max_total_bytes);
     }
 }
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from img_helper.extract import ExtractError, LayerStats, Limits
+from img_helper.extract import ExtractError, LayerSource, LayerStats, Limits, apply_layer
 from tests.host.hostile import tarbuild as t
 from tests.host.hostile.sandbox import Sandbox
 
@@ -551,6 +551,27 @@ def test_trailing_garbage_is_hashed_not_extracted(box: Sandbox) -> None:
     layer = t.tar(t.file("a", b"x")) + t.file("hidden", b"never extracted") + b"junk"
     [st] = box.apply(layer, expect=[hashlib.sha256(layer).hexdigest()])
     assert st.trailing_bytes > 0 and box.tree() == {"a": "file"}
+
+
+def test_endless_trailing_data_is_bounded_attack(box: Sandbox) -> None:
+    """The bytes after the tar end are hashed, never parsed: without a bound a blob that ends its tar at
+    once and then runs on (a huge sparse file, or one the client keeps appending to, read to EOF) kept
+    the helper hashing forever. Trailing data counts against max_total_bytes."""
+    layer = t.tar(t.file("a", b"x")) + b"\0" * (3 << 20)
+    e = refused(box, "limit", layer, limits=Limits(max_total_bytes=1 << 20))
+    assert "max_total_bytes" in e.reason and "trailing" in e.reason
+    blob = box.blobs / "sparse-tail"
+    with open(blob, "wb") as f:  # 1 TiB apparent size, read to EOF
+        f.write(t.tar(t.file("a", b"x")))
+        f.truncate(1 << 40)
+    fd, root = os.open(blob, os.O_RDONLY), os.open(box.root, os.O_RDONLY)
+    try:
+        with pytest.raises(ExtractError) as info:
+            apply_layer(root, LayerSource(fd), limits=Limits(max_total_bytes=4 << 20))
+        assert info.value.code == "limit"
+    finally:
+        os.close(fd)
+        os.close(root)
 
 
 # ---------- names ----------
