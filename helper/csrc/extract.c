@@ -708,7 +708,9 @@ static int apply_xattrs(struct xctx *x, struct archive_entry *e, int fd)
                 x->st->xattrs_dropped++;
                 continue;
             }
-            return fail(x, "io", errno, "setting xattr %s", name);
+            if (errno == EINVAL || errno == ERANGE || errno == E2BIG) /* a bad name or value: the input's */
+                return fail(x, "invalid", errno, "xattr %.64s refused by the kernel", name);
+            return fail(x, "io", errno, "setting xattr %.64s", name);
         }
         x->st->xattrs++;
     }

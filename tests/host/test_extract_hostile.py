@@ -326,6 +326,15 @@ def test_security_xattrs_other_than_capabilities_are_dropped(box: Sandbox) -> No
     assert st.xattrs == 2 and st.xattrs_dropped >= 2  # selinux may be refused by the fs or by us
 
 
+@pytest.mark.parametrize("name,value", [("user." + "n" * 300, b"v"), ("security.capability", b"\x01garbage")],
+                         ids=["name-too-long", "malformed-capability"])
+def test_unusable_xattr_from_a_hostile_header_is_invalid(box: Sandbox, name: str, value: bytes) -> None:
+    """The kernel refuses an over-long name or a malformed capability: that is the input's fault
+    ("invalid", never retried), not a failing system ("io")."""
+    e = refused(box, "invalid", t.tar(t.pax({f"SCHILY.xattr.{name}": value}), t.file("f", b"x")))
+    assert name[:20] in e.reason
+
+
 def test_xattrs_on_a_symlink_are_dropped(box: Sandbox) -> None:
     [st] = applied(box, t.tar(t.pax({"SCHILY.xattr.user.x": "v"}), t.symlink("l", "/etc")))
     assert st.xattrs_dropped == 1 and os.listxattr(box.root / "l", follow_symlinks=False) == []
