@@ -31,6 +31,11 @@ Policies:
   nodes, and xattrs the filesystem does not support.
 - Names: bytes as archived; newline is legal. A NUL ends a name (libarchive yields C strings). pax names
   must be valid UTF-8; a libarchive warning (ignored pax header, unconvertible name) is "corrupt".
+- Limits bound memory and work, not only output: a header is cut off once libarchive has read
+  max_header_bytes (+ 2 MiB read-ahead) for it, before it can hold it all (pax records, GNU sparse maps);
+  the layer's own index (names it wrote, directories re-timed at the end; a directory archived again
+  is kept once) is bounded by max_index_bytes; trailing data after the tar counts against
+  max_total_bytes. Removal (whiteouts, replacements) never enters another mount under the root.
 - No fsync per file: call `syncfs(root_fd)` once after the last layer.
 - Privileges: meant to run as root (the helper). As another user, ownership is not applied, device nodes
   are skipped, and a directory archived without owner write permission cannot receive later children.
