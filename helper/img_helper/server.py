@@ -44,6 +44,7 @@ class ServerLimits:
     max_connections: int = 64
     max_connections_per_uid: int = 16  # non-root uids; root is bounded by max_connections only
     max_workers: int = 128  # running Service calls, including ones whose client timed out
+    max_workers_per_uid: int = 32  # of those, for one non-root uid: one caller can't starve the others
     idle_timeout: float = 60.0  # no request started on a connection for this long: close it
     frame_timeout: float = 10.0  # a started frame must be complete within this
     send_timeout: float = 30.0  # a client that doesn't read its replies for this long is dropped
@@ -186,6 +187,10 @@ class Connection:
                 raise P.ProtocolError(P.SHUTTING_DOWN, "the helper is shutting down; retry")
             if self.server.worker_count() >= self.server.limits.max_workers:
                 raise P.ProtocolError(P.BUSY, "too many requests in progress; retry later")
+            if self.peer.uid != 0 and (self.server.worker_count(self.peer.uid)
+                                       >= self.server.limits.max_workers_per_uid):
+                raise P.ProtocolError(P.BUSY, "too many of your requests are still running (some may have "
+                                      "timed out and be finishing); retry later")
             self.server.authorizer.authorize(self.peer, req.verb, req.allow_interaction)
             # the verb's time limit starts once authorized (polkit has its own, longer if interactive)
             deadline = time.monotonic() + self.server.limits.timeout_for(req.verb)
@@ -205,7 +210,7 @@ class Connection:
         """Run the call in a worker; stream its progress (coalesced) and send the final reply."""
         events: queue.Queue[tuple[str, Any]] = queue.Queue()
         try:
-            self.server.start_worker(req, deadline, events)  # the worker owns req.fds from here on
+            self.server.start_worker(req, deadline, events, self.peer.uid)  # it owns req.fds from here on
         except RuntimeError as e:  # no thread to be had (memory, task limits): this request only fails
             P.close_fds(req.fds)
             log.warning("cannot start a worker for %s: %s", req.verb, e)
@@ -260,7 +265,7 @@ class Server:
         self.unfinished = 0  # threads still running when shutdown gave up waiting
         self._mu = threading.Lock()
         self._conns: dict[Connection, threading.Thread] = {}
-        self._workers: set[threading.Thread] = set()
+        self._workers: dict[threading.Thread, int] = {}  # running worker -> the uid it works for
         self._per_uid: dict[int, int] = {}
         self.pool_lock = threading.Lock()
         self.key_locks = KeyedLocks()
@@ -363,20 +368,24 @@ class Server:
                 self._per_uid.pop(conn.peer.uid, None)
 
     # ---- workers ----
-    def worker_count(self) -> int:
+    def worker_count(self, uid: int | None = None) -> int:
+        """Running workers (for uid, if given)."""
         with self._mu:
-            return len(self._workers)
+            if uid is None:
+                return len(self._workers)
+            return sum(1 for u in self._workers.values() if u == uid)
 
-    def start_worker(self, req: P.Request, deadline: float, events: queue.Queue[tuple[str, Any]]) -> None:
+    def start_worker(self, req: P.Request, deadline: float, events: queue.Queue[tuple[str, Any]],
+                     uid: int = 0) -> None:
         t = threading.Thread(target=self._work, args=(req, deadline, events), name=f"{req.verb}-{req.id}",
                              daemon=True)
         with self._mu:
-            self._workers.add(t)
+            self._workers[t] = uid
         try:
             t.start()
         except RuntimeError:
             with self._mu:
-                self._workers.discard(t)
+                self._workers.pop(t, None)
             raise
 
     @contextlib.contextmanager
@@ -424,7 +433,7 @@ class Server:
         finally:
             P.close_fds(req.fds)
             with self._mu:
-                self._workers.discard(threading.current_thread())
+                self._workers.pop(threading.current_thread(), None)
 
     # ---- shutdown ----
     def _shutdown(self) -> None:

@@ -275,3 +275,26 @@ def test_challenge_is_a_denial_unless_interaction_allowed(polkit: PolkitEnv, cha
         proc.wait()
         srv.close()
         subprocess.run(["rm", "-rf", str(d)], check=False)
+
+
+def test_one_member_piling_up_timed_out_steps_does_not_starve_others_attack(polkit: PolkitEnv) -> None:
+    """A step outlives its request's time limit (it finishes in the background); a member who lets steps
+    time out one after another could fill every worker slot and leave everyone else "busy". Each non-root
+    uid gets at most max_workers_per_uid of them."""
+    d = Path(tempfile.mkdtemp(prefix="img-pk-", dir="/tmp"))
+    d.chmod(0o755)
+    h = HelperProc(d, group="img", limits={"verb_timeouts": {"activate": 0.3}, "max_workers": 4,
+                                           "max_workers_per_uid": 2},
+                   env={"STANDIN_SERIALIZES": "1"}).start()  # steps on different names run in parallel
+    try:
+        codes = [call_as(polkit, polkit.member, h, "activate", {"chain_id": CHAIN, "name": f"sleep-60-{i}"})
+                 for i in range(3)]  # 6 s steps
+        codes = [c["error"]["code"] for c in codes]
+        assert codes == ["timeout", "timeout", "busy"]
+        assert call_as(polkit, polkit.member, h, "status")["error"]["code"] == "busy"
+        root = subprocess.run([sys.executable, "-c", CALL, str(h.socket_path), "status", "{}", "{}"],
+                              capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert json.loads(root.stdout)["ok"], root.stdout  # others still have worker slots
+    finally:
+        h.stop()
+        subprocess.run(["rm", "-rf", str(d)], check=False)
