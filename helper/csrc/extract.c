@@ -372,7 +372,7 @@ static int tar_feed(struct xctx *x, struct archive *a, size_t n)
 static la_ssize_t blob_read(struct archive *a, void *cd, const void **out)
 {
     struct xctx *x = cd;
-    if (a && a == x->a && tar_feed(x, a, 0) < 0)
+    if (a && !x->inf && tar_feed(x, a, 0) < 0) /* plain blob: the tar reader itself is reading */
         return -1;
     size_t want = READ_BLOCK;
     if (!x->to_eof) {
@@ -404,7 +404,7 @@ static la_ssize_t blob_read(struct archive *a, void *cd, const void **out)
     }
     hasher_submit(&x->h, (size_t)n);
     x->pos += (uint64_t)n;
-    if (a && a == x->a)
+    if (a && !x->inf)
         x->tar_fed += (uint64_t)n;
     /* the inflater thread reads while the main thread may report progress */
     __atomic_fetch_add(&x->st->blob_bytes, (uint64_t)n, __ATOMIC_RELAXED);
