@@ -356,23 +356,22 @@ static int openat2_in_root(int root, const char *path, int flags)
 
 #define HEADER_SLACK (2u << 20) /* read-ahead: a header may straddle blocks handed before and after it */
 
-/* Called by the tar reader's read callbacks before handing it n more bytes: 0, or -1 when the header
+/* Called by the tar reader's read callbacks before handing it more bytes: 0, or -1 when the header
  * being read has had more than its share (then the callback fails the read). */
-static int tar_feed(struct xctx *x, struct archive *a, size_t n)
+static int header_budget_left(struct xctx *x, struct archive *a)
 {
     if (x->in_header && x->tar_fed - x->header_fed0 > x->lim.max_header_bytes + HEADER_SLACK) {
         x->header_overrun = 1;
         archive_set_error(a, EFBIG, "header exceeds max_header_bytes");
         return -1;
     }
-    x->tar_fed += n;
     return 0;
 }
 
 static la_ssize_t blob_read(struct archive *a, void *cd, const void **out)
 {
     struct xctx *x = cd;
-    if (a && !x->inf && tar_feed(x, a, 0) < 0) /* plain blob: the tar reader itself is reading */
+    if (a && !x->inf && header_budget_left(x, a) < 0) /* plain blob: the tar reader itself is reading */
         return -1;
     size_t want = READ_BLOCK;
     if (!x->to_eof) {
@@ -1304,7 +1303,7 @@ static la_ssize_t inflated_read(struct archive *a, void *cd, const void **out)
         f->holding = 0;
         pthread_cond_broadcast(&f->cv);
     }
-    if (tar_feed(x, a, 0) < 0) {
+    if (header_budget_left(x, a) < 0) {
         pthread_mutex_unlock(&f->mu);
         return -1;
     }
