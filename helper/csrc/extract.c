@@ -1001,6 +1001,25 @@ static int device_allowed(struct archive_entry *e)
     return 0;
 }
 
+/* chmod of pfd/base, never through a symlink (should anything swap the node we just made for one):
+ * glibc does AT_SYMLINK_NOFOLLOW with an O_PATH fd and /proc/self/fd; without /proc it fails with
+ * EOPNOTSUPP for a non-symlink too, and then the plain call is all there is. */
+static int chmod_nofollow(int pfd, const char *base, mode_t perm)
+{
+    if (fchmodat(pfd, base, perm, AT_SYMLINK_NOFOLLOW) == 0)
+        return 0;
+    if (errno != EOPNOTSUPP)
+        return -1;
+    struct stat st;
+    if (fstatat(pfd, base, &st, AT_SYMLINK_NOFOLLOW) < 0)
+        return -1;
+    if (S_ISLNK(st.st_mode)) {
+        errno = ELOOP;
+        return -1;
+    }
+    return fchmodat(pfd, base, perm, 0);
+}
+
 static int do_node(struct xctx *x, struct archive_entry *e, int pfd, const char *base)
 {
     unsigned type = archive_entry_filetype(e);
@@ -1024,9 +1043,8 @@ static int do_node(struct xctx *x, struct archive_entry *e, int pfd, const char 
     if (x->is_root &&
         fchownat(pfd, base, (uid_t)archive_entry_uid(e), (gid_t)archive_entry_gid(e), AT_SYMLINK_NOFOLLOW) < 0)
         return fail(x, "io", errno, "chown");
-    /* we just created base as a node and nothing else writes here: following is moot */
-    if (fchmodat(pfd, base, archive_entry_perm(e) & 07777, 0) < 0)
-        return fail(x, "io", errno, "chmod");
+    if (chmod_nofollow(pfd, base, archive_entry_perm(e) & 07777) < 0)
+        return fail_errno(x, errno, "chmod");
     if (apply_xattrs(x, e, -1) < 0)
         return -1;
     struct timespec ts[2];
