@@ -8,6 +8,12 @@ import os
 import socket
 
 SD_LISTEN_FDS_START = 3
+MAX_LISTEN_FDS = 64  # our socket unit passes one; a larger count is not systemd talking to us
+
+
+def _decimal(s: str) -> bool:
+    """ASCII digits only: str.isdigit() accepts '²' and other digits int() refuses."""
+    return s.isascii() and s.isdigit()
 
 
 def listen_fds(unset_environment: bool = True) -> list[int]:
@@ -16,7 +22,7 @@ def listen_fds(unset_environment: bool = True) -> list[int]:
     if unset_environment:
         for k in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
             os.environ.pop(k, None)
-    if not pid.isdigit() or int(pid) != os.getpid() or not n.isdigit():
+    if not _decimal(pid) or int(pid) != os.getpid() or not _decimal(n) or int(n) > MAX_LISTEN_FDS:
         return []
     fds = list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(n)))
     for fd in fds:

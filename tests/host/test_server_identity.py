@@ -168,3 +168,12 @@ def test_listen_fds_only_for_our_pid(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LISTEN_FDS", "1")
     assert listen_fds() == []
     assert "LISTEN_PID" not in os.environ and "LISTEN_FDS" not in os.environ  # not passed on to children
+
+
+@pytest.mark.parametrize("value", ["\u00b2", "\u0663", "99999999", "-1", " 1"])
+def test_malformed_listen_fds_attack(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    """LISTEN_FDS with non-ASCII digits ('²'.isdigit() is True, int('²') raises) or an absurd count
+    (a list of 10^8 fds, then fcntl on fds that don't exist): not socket activation, no crash."""
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
+    monkeypatch.setenv("LISTEN_FDS", value)
+    assert listen_fds() == []
