@@ -307,7 +307,10 @@ from img_helper import protocol as P
 s = socket.socket(socket.AF_UNIX); s.connect({str(helper.socket_path)!r})
 out = []
 def ask(i):
-    P.send_frame(s, {{"v": 1, "id": i, "verb": "status", "args": {{}}}})
+    try:
+        P.send_frame(s, {{"v": 1, "id": i, "verb": "status", "args": {{}}}})
+    except OSError:  # refused at accept already (peer-gone), and closed: its reason is still to be read
+        pass
     r, _ = P.FrameReader(s, max_fds=0).read(10, 10)
     out.append(r.get("error", {{}}).get("code", "ok"))
 if {when!r} == "after-first-request":
