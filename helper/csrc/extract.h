@@ -16,6 +16,9 @@
  *    xattrs on symlinks are dropped.
  *  - names: "./" and "/" prefixes, empty and "." components are stripped; a ".." component is "escape";
  *    newlines are legal (Linux names are bytes); a NUL ends a name (libarchive hands us C strings).
+ *  - memory and work are bounded, not only output: libarchive may read at most max_header_bytes (+2 MiB
+ *    read-ahead) for one header; the layer's index (names written, directories re-timed) is bounded by
+ *    max_index_bytes; trailing bytes count against max_total_bytes. Removal never enters another mount.
  *
  * Error codes (struct img_extract_error.code):
  *   escape   an entry names something outside the root, or the root itself as a non-directory
