@@ -108,7 +108,9 @@ def mounted_target(kind: str, base: Path, size: int) -> Iterator[Path]:
             img = base / "ext4.img"
             with open(img, "wb") as f:
                 f.truncate(size)
-            _run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", str(img)])
+            # Inode tables and journal initialised now, not by a kernel thread racing the timed runs.
+            opts = "nodiscard,lazy_itable_init=0,lazy_journal_init=0"
+            _run(["mkfs.ext4", "-q", "-F", "-E", opts, str(img)])
             loop = subprocess.run(
                 ["losetup", "--find", "--show", str(img)], check=True, capture_output=True, text=True
             ).stdout.strip()
@@ -161,8 +163,12 @@ def bench_target(
                     if engine == "cp-a-floor" and not (floor_src / "rootfs").exists():
                         floor_src.mkdir(exist_ok=True)
                         run_once("ours", floor_src, sources)
+                    # Every engine starts from the same filesystem state: only the floor's source tree is
+                    # kept. (Keeping each engine's last tree made later runs fight a fuller, more fragmented
+                    # ext4, and the engine that ran first in a round paid for the others' deletions.)
+                    for old in mnt.glob("run-*"):
+                        _clear(old)
                     dest = mnt / f"run-{engine}"
-                    _clear(dest)
                     dest.mkdir()
                     subprocess.run(["sync", "-f", str(mnt)], check=False)
                     srcs = [floor_src / "rootfs"] if engine == "cp-a-floor" else sources
