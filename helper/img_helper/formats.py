@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from img_helper.extract import LayerSource
+from img_helper.strictjson import no_duplicate_keys
 
 FORMATS = ("auto", "layers", "docker-archive", "oci-archive", "oci-layout")
 
@@ -443,15 +444,6 @@ def resolve_member(members: dict[str, Member], ref: str, limits: ArchiveLimits =
 # ------------------------------------------------------------------------------------------------ JSON
 
 
-def _reject_dupes(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
-    return out
-
-
 def _bad_constant(name: str) -> Any:
     raise ValueError(f"non-standard JSON constant {name}")
 
@@ -460,7 +452,9 @@ def parse_json(data: bytes, entry: str, limits: ArchiveLimits = ArchiveLimits())
     if len(data) > limits.max_json_bytes:
         raise FormatError("limit", entry, f"JSON document of {len(data)} bytes (cap {limits.max_json_bytes})")
     try:
-        return json.loads(data.decode("utf-8"), object_pairs_hook=_reject_dupes, parse_constant=_bad_constant)
+        return json.loads(
+            data.decode("utf-8"), object_pairs_hook=no_duplicate_keys, parse_constant=_bad_constant
+        )
     except RecursionError:
         raise FormatError("limit", entry, "JSON nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as e:

@@ -23,6 +23,8 @@ import struct
 import time
 from typing import Any
 
+from img_helper.strictjson import DuplicateKeyError, no_duplicate_keys
+
 VERSION = 1
 HEADER = struct.Struct(">I")
 # A larger request frame is refused and the connection closed. Requests are < 1 KiB; a 1 MiB frame of
@@ -237,24 +239,10 @@ def encode(obj: dict[str, Any]) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """JSON parsers disagree on duplicate keys (first or last wins): refuse them; a frame means one thing."""
-    obj: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in obj:
-            raise _DuplicateKey(f"duplicate key {k[:64]!r}")
-        obj[k] = v
-    return obj
-
-
 def decode(body: bytes) -> Any:
     try:
-        return json.loads(body.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except _DuplicateKey as e:
+        return json.loads(body.decode("utf-8"), object_pairs_hook=no_duplicate_keys)
+    except DuplicateKeyError as e:
         raise ProtocolError(BAD_FRAME, f"frame has a {e}") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ProtocolError(BAD_FRAME, f"frame is not UTF-8 JSON: {str(e)[:100]}") from None
