@@ -25,10 +25,12 @@ def _build() -> FFI:
     cdefs = sorted(CSRC.glob("*.cdef"))
     ffi.cdef("\n".join(p.read_text() for p in cdefs))
     headers = sorted(CSRC.glob("*.h"))
-    # setuptools wants paths relative to the project; cffi's own compile() runs from its tmpdir.
+    # setuptools wants paths relative to the project; cffi's own compile() (scripts/build-native.sh sets
+    # IMG_NATIVE_ABSOLUTE) runs from its tmpdir and needs absolute ones.
     here = Path.cwd()
-    sources = sorted(str(p.relative_to(here)) if p.is_relative_to(here) and os.environ.get(
-        "IMG_NATIVE_ABSOLUTE") is None else str(p) for p in CSRC.glob("*.c"))
+    absolute = "IMG_NATIVE_ABSOLUTE" in os.environ
+    sources = sorted(str(p) if absolute or not p.is_relative_to(here) else str(p.relative_to(here))
+                     for p in CSRC.glob("*.c"))
     pkgs = ["devmapper", "libarchive", "libcrypto"]
     ffi.set_source(
         "img_helper._native",
